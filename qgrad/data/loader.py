@@ -1,0 +1,172 @@
+"""``DeviceLoader``: mini-batches of an in-memory tensor dataset, shuffled and augmented on the device."""
+
+from __future__ import annotations
+
+import math
+import numbers
+from typing import Iterator, Optional, Tuple, Union
+
+import numpy as np
+import torch
+from torch import Tensor
+from torch.nn import functional as F
+
+__all__ = ["DeviceLoader", "random_crop_flip"]
+
+
+def _check_int(name: str, value, low: int, high: Optional[int] = None) -> int:
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, numbers.Integral)
+        or value < low
+        or (high is not None and value >= high)
+    ):
+        bound = f"an int >= {low}" if high is None else f"an int in [{low}, {high})"
+        raise ValueError(f"{name} must be {bound}, got {value!r}")
+    return int(value)
+
+
+def random_crop_flip(x: Tensor, top: Tensor, left: Tensor, flip: Tensor, padding: int) -> Tensor:
+    """Per-sample crop of the zero-padded images followed by an optional horizontal flip, in one gather.
+
+    With ``p = padding`` and ``xp = zero_pad(x, p)`` of shape ``(N, C, H + 2p, W + 2p)``, sample ``n`` of the
+    result is the window ``xp[n, :, top[n] : top[n] + H, left[n] : left[n] + W]``, mirrored along the width
+    when ``flip[n]``. ``top`` and ``left`` are integer tensors ``(N,)`` with values in ``[0, 2p]`` (``p`` is
+    the unshifted window); ``flip`` is a bool tensor ``(N,)``. All on ``x``'s device.
+
+    Shape: ``(N, C, H, W) -> (N, C, H, W)``.
+    """
+    n, c, h, w = x.shape
+    if padding > 0:
+        x = F.pad(x, (padding, padding, padding, padding))
+    rows = top[:, None] + torch.arange(h, device=x.device)  # (N, H) row of the padded image per output row
+    cols = torch.arange(w, device=x.device).expand(n, w)
+    # flipping the cropped window reads its columns right to left: output column j <- window column W-1-j
+    cols = left[:, None] + torch.where(flip[:, None], w - 1 - cols, cols)  # (N, W)
+    batch = torch.arange(n, device=x.device)[:, None, None, None]
+    channels = torch.arange(c, device=x.device)[None, :, None, None]
+    # four broadcast index tensors (N, C, H, W): one gather that yields a contiguous NCHW result
+    return x[batch, channels, rows[:, None, :, None], cols[:, None, None, :]]
+
+
+class DeviceLoader:
+    """Iterate over ``(inputs, targets)`` mini-batches of tensors that live on one device.
+
+    The whole dataset is moved to ``device`` once; shuffling, random crops and flips run there, vectorized
+    over the batch. Each ``iter()`` is one epoch and covers every sample once (the last, smaller batch is
+    dropped when ``drop_last``).
+
+    Randomness: epoch ``e`` draws, from a CPU ``torch.Generator`` seeded with a hash of ``(seed, e)``, first
+    the permutation (if ``shuffle``), then every sample's crop offsets (if ``crop_padding``), then its flip
+    bits (if ``flip``); the draws are per sample, independent of ``batch_size`` and of the device, and move to
+    the device once per epoch. A new ``iter()`` runs the next epoch (the first is epoch 0); :meth:`set_epoch`
+    chooses the epoch the next ``iter()`` runs, so a resumed run replays exactly the batches it would have
+    seen.
+
+    Args:
+        x: inputs ``(N, ...)``; ``(N, C, H, W)`` when ``crop_padding`` or ``flip`` is used.
+        y: targets ``(N, ...)``.
+        batch_size: samples per batch, int >= 1.
+        shuffle: new random order each epoch (else the stored order).
+        crop_padding: zero-pad every side by this many pixels, then crop back to ``H x W`` at a random offset
+            (0 disables the crop).
+        flip: mirror each sample horizontally with probability 1/2.
+        seed: int in [0, 2**63).
+        device: where batches are produced; default ``x.device``.
+        drop_last: drop the last batch when it has fewer than ``batch_size`` samples.
+    """
+
+    def __init__(
+        self,
+        x: Tensor,
+        y: Tensor,
+        batch_size: int,
+        shuffle: bool = False,
+        crop_padding: int = 0,
+        flip: bool = False,
+        seed: int = 0,
+        device: Optional[Union[str, torch.device]] = None,
+        drop_last: bool = False,
+    ):
+        if not isinstance(x, Tensor) or not isinstance(y, Tensor):
+            raise TypeError(f"x and y must be tensors, got {type(x).__name__} and {type(y).__name__}")
+        if x.dim() == 0 or y.dim() == 0:
+            raise ValueError(
+                f"x and y need a sample dimension, got shapes {tuple(x.shape)} and {tuple(y.shape)}"
+            )
+        if x.shape[0] != y.shape[0]:
+            raise ValueError(
+                f"x and y must hold the same number of samples, got {x.shape[0]} and {y.shape[0]}"
+            )
+        if x.shape[0] == 0:
+            raise ValueError("x and y are empty; a loader needs at least one sample")
+        batch_size = _check_int("batch_size", batch_size, 1)
+        crop_padding = _check_int("crop_padding", crop_padding, 0)
+        seed = _check_int("seed", seed, 0, 2**63)
+        for name, value in (("shuffle", shuffle), ("flip", flip), ("drop_last", drop_last)):
+            if not isinstance(value, bool):
+                raise ValueError(f"{name} must be a bool, got {value!r}")
+        if (crop_padding or flip) and (x.dim() != 4 or not x.is_floating_point()):
+            raise ValueError(
+                f"random crops and flips need floating-point images (N, C, H, W), got a {x.dtype} tensor of "
+                f"shape {tuple(x.shape)}"
+            )
+        device = x.device if device is None else torch.device(device)
+        self.x = x.to(device)
+        self.y = y.to(device)
+        self.batch_size = batch_size
+        self.shuffle = shuffle
+        self.crop_padding = crop_padding
+        self.flip = flip
+        self.seed = seed
+        self.device = device
+        self.drop_last = drop_last
+        self._next_epoch = 0
+
+    @property
+    def num_samples(self) -> int:
+        return self.x.shape[0]
+
+    def __len__(self) -> int:
+        if self.drop_last:
+            return self.num_samples // self.batch_size
+        return math.ceil(self.num_samples / self.batch_size)
+
+    def set_epoch(self, epoch: int) -> None:
+        """Make the next ``iter()`` run epoch ``epoch`` (int >= 0); later ones continue from there."""
+        self._next_epoch = _check_int("epoch", epoch, 0)
+
+    def _generator(self, epoch: int) -> torch.Generator:
+        # SeedSequence mixes (seed, epoch) into well-spread state: nearby seeds/epochs give unrelated streams
+        state = np.random.SeedSequence([self.seed, epoch]).generate_state(2, dtype=np.uint32)
+        return torch.Generator().manual_seed(int(state[0]) << 32 | int(state[1]))
+
+    def __iter__(self) -> Iterator[Tuple[Tensor, Tensor]]:
+        epoch = self._next_epoch
+        self._next_epoch += 1
+        n, p = self.num_samples, self.crop_padding
+        gen = self._generator(epoch)
+        order = torch.randperm(n, generator=gen).to(self.device) if self.shuffle else None
+        augment = bool(p) or self.flip
+        if augment:
+            zeros = torch.full((n,), p, dtype=torch.int64)
+            top = torch.randint(0, 2 * p + 1, (n,), generator=gen) if p else zeros
+            left = torch.randint(0, 2 * p + 1, (n,), generator=gen) if p else zeros
+            flips = torch.rand(n, generator=gen) < 0.5 if self.flip else torch.zeros(n, dtype=torch.bool)
+            top, left, flips = top.to(self.device), left.to(self.device), flips.to(self.device)
+        return self._batches(order, top, left, flips) if augment else self._batches(order)
+
+    def _batches(self, order, top=None, left=None, flips=None) -> Iterator[Tuple[Tensor, Tensor]]:
+        for i in range(len(self)):
+            start, stop = i * self.batch_size, min((i + 1) * self.batch_size, self.num_samples)
+            if order is None:
+                xb, yb = self.x[start:stop], self.y[start:stop]
+            else:
+                idx = order[start:stop]
+                xb, yb = self.x[idx], self.y[idx]
+            if top is not None:
+                # the random draws are per sample position in the epoch, so they do not depend on batch_size
+                xb = random_crop_flip(
+                    xb, top[start:stop], left[start:stop], flips[start:stop], self.crop_padding
+                )
+            yield xb, yb
