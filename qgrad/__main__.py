@@ -1,0 +1,5 @@
+"""``python -m qgrad ...``: the same command line as the ``qgrad`` script."""
+
+from qgrad.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,116 @@
+"""``qgrad train``: one training run (from scratch, a fine-tune from ``--init``, or resumed)."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from qgrad import data, models
+from qgrad.training import CHECKPOINT, PENALTIES, TrainConfig, load_checkpoint, train
+
+DEFAULTS = TrainConfig()
+
+# (flag, TrainConfig field, type, help); every default is None, so --resume can tell which options were given.
+_OPTIONS = (
+    ("--model", "model", str, "architecture, from qgrad.models.names()"),
+    ("--dataset", "dataset", str, "dataset: cifar10 (needs --data-root) or digits"),
+    ("--data-root", "data_root", str, "folder with the dataset files (CIFAR-10: the python batches)"),
+    ("--width", "width", float, "channel multiplier of the model"),
+    ("--epochs", "epochs", int, "epochs of the run; the cosine learning-rate schedule spans all of them"),
+    ("--batch-size", "batch_size", int, "training batch size"),
+    ("--lr", "lr", float, "initial SGD learning rate (cosine decay to 0, stepped per batch)"),
+    ("--momentum", "momentum", float, "SGD momentum"),
+    (
+        "--weight-decay",
+        "weight_decay",
+        float,
+        "SGD weight decay (default: 5e-4 from scratch, 1e-4 with --init)",
+    ),
+    ("--penalty", "penalty", str, "gradient penalty: l1 (the paper's), l2, dq (orthogonality), none"),
+    ("--lam", "lam", float, "penalty strength lambda (l1/l2: both the weight and the activation term)"),
+    (
+        "--penalty-epochs",
+        "penalty_epochs",
+        int,
+        "regularize only in the last N epochs (with --init the whole run is regularized)",
+    ),
+    ("--init", "init", str, "start from the weights of this checkpoint.pt/model.pt (a fine-tuning run)"),
+    ("--seed", "seed", int, "seed of the initialization and the data order/augmentation"),
+    ("--device", "device", str, "auto (CUDA when available), cpu, cuda, cuda:N"),
+    ("--eval-every", "eval_every", int, "evaluate on the test split every N epochs (and after the last)"),
+)
+
+
+def add_parser(sub, parents) -> None:
+    p = sub.add_parser(
+        "train",
+        parents=parents,
+        help="train a model, optionally with a gradient penalty",
+        description=(
+            "Train a model with SGD and a cosine schedule. With --penalty the penalty is switched on for the "
+            "last --penalty-epochs epochs, or for the whole run when fine-tuning from --init. RUN_DIR "
+            "receives config.json, metrics.jsonl (one line per epoch), checkpoint.pt (to --resume) and "
+            "model.pt."
+        ),
+        epilog=(
+            "example: qgrad train --model vgg_like --dataset cifar10 --data-root data/cifar-10-batches-py "
+            "--epochs 100 --penalty l1 --lam 0.05 --penalty-epochs 15 --out runs/vgg_l1"
+        ),
+    )
+    for flag, field, kind, text in _OPTIONS:
+        default = getattr(DEFAULTS, field)
+        extra = {}
+        if field == "penalty":
+            extra["choices"] = PENALTIES
+        elif field == "model":
+            extra["choices"] = models.names()
+        elif field == "dataset":
+            extra["choices"] = data.names()
+        shown = "" if field in ("weight_decay", "data_root", "init") else f" (default: {default})"
+        p.add_argument(flag, dest=field, type=kind, default=None, help=text + shown, **extra)
+    p.add_argument("--out", required=True, metavar="RUN_DIR", help="run directory (created if needed)")
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue the stopped run in RUN_DIR exactly; options not given are taken from the stored run",
+    )
+    p.add_argument(
+        "--stop-after",
+        type=int,
+        default=None,
+        metavar="N",
+        help="stop after N epochs of this invocation (the schedule still spans --epochs); "
+        "continue with --resume",
+    )
+    p.add_argument("--no-progress", action="store_true", help="no per-batch progress bar")
+    p.set_defaults(run=run)
+
+
+def config_from_args(args: argparse.Namespace) -> TrainConfig:
+    """The run's TrainConfig: the given options over the defaults, or over the stored settings (--resume)."""
+    given = {field: getattr(args, field) for _, field, _, _ in _OPTIONS if getattr(args, field) is not None}
+    given["out"] = args.out
+    if args.resume:
+        ckpt = Path(args.out) / CHECKPOINT
+        if not ckpt.is_file():
+            raise FileNotFoundError(f"nothing to resume: {ckpt} does not exist")
+        stored = load_checkpoint(ckpt).get("config")
+        if not isinstance(stored, dict):
+            raise ValueError(f"{ckpt} holds no run settings; it was not written by qgrad train")
+        return TrainConfig.from_dict({**stored, **given})
+    return TrainConfig(**given)
+
+
+def run(args: argparse.Namespace) -> int:
+    config = config_from_args(args)
+    result = train(config, progress=not args.no_progress, resume=args.resume, stop_after=args.stop_after)
+    acc = result.get("test_acc")
+    best = result.get("best_test_acc")
+    state = "finished" if result["finished"] else f"stopped after epoch {result['epoch']}/{config.epochs}"
+    parts = [f"{state}: train loss {result['train_loss']:.4f}"]
+    if acc is not None:
+        parts.append(f"test acc {acc:.2f}%")
+    if best is not None:
+        parts.append(f"best {best:.2f}% (epoch {result['best_epoch']})")
+    print(", ".join(parts) + f"; run directory {result['run_dir']}")
+    return 0

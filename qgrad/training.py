@@ -1,0 +1,669 @@
+"""Training loop with optional gradient penalties, exact resume, and weights-only checkpoints.
+
+The recipe follows Alizadeh et al. (ICLR 2020, §4.1): train with SGD and cross-entropy, and switch the
+gradient penalty on only for the last ``penalty_epochs`` epochs, or run a whole fine-tuning phase with it
+from a trained model (``init``). One ``λ`` sets both terms of the ℓ1/ℓ2 penalties (``λ_w = λ_y = λ``).
+
+A run directory holds::
+
+    config.json      the resolved TrainConfig
+    metrics.jsonl    one JSON object per finished epoch (epoch, lr, train_loss, train_acc, penalty terms,
+                     test_loss, test_acc in percent, seconds)
+    checkpoint.pt    everything needed to continue the run bit-exactly (see ``train(..., resume=True)``)
+    model.pt         {"model": state_dict, "config": dict}: the latest weights, for ``load_model``/deployment
+
+Both ``.pt`` files contain only tensors and plain Python containers/scalars, so they load with
+``torch.load(path, weights_only=True)``; they are replaced atomically (temp file, fsync, ``os.replace``), so
+an interrupted run always leaves the last finished epoch on disk.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import logging
+import math
+import os
+import pickle
+import tempfile
+import time
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Dict, Iterable, List, Optional, Tuple, Union
+
+import torch
+from torch import nn
+
+__all__ = [
+    "CheckpointError",
+    "TrainConfig",
+    "TrainingError",
+    "evaluate",
+    "find_checkpoint",
+    "load_checkpoint",
+    "load_model",
+    "train",
+]
+
+logger = logging.getLogger(__name__)
+
+CHECKPOINT = "checkpoint.pt"
+MODEL_FILE = "model.pt"
+CONFIG_FILE = "config.json"
+METRICS_FILE = "metrics.jsonl"
+
+PENALTIES = ("none", "l1", "l2", "dq")
+# Weight decay when TrainConfig.weight_decay is None: 5e-4 is the usual value for training VGG/ResNet on
+# CIFAR-10 from scratch; 1e-4 is the fixed value the paper uses for its fine-tuning runs (§4.1).
+DEFAULT_WEIGHT_DECAY = 5e-4
+DEFAULT_FINETUNE_WEIGHT_DECAY = 1e-4
+# Fields that may differ between a stopped run and the command that resumes it: none of them changes the
+# sequence of parameter updates.
+RESUME_MUTABLE = ("data_root", "device", "out", "eval_every")
+
+
+class TrainingError(RuntimeError):
+    """A run cannot start or continue (existing run directory, non-finite loss, mismatched resume)."""
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint file is missing, unreadable, or not in a format qgrad wrote."""
+
+
+@dataclass
+class TrainConfig:
+    """Settings of one training run; stored as ``config.json`` and inside every checkpoint.
+
+    Attributes:
+        model: a name from ``qgrad.models.names()``.
+        dataset: ``"cifar10"`` (needs ``data_root``) or ``"digits"``.
+        data_root: dataset directory, ``None`` for datasets that need none.
+        width: channel multiplier passed to ``qgrad.models.get``.
+        epochs: length of the run; the cosine learning-rate schedule spans all of it (stepped once per batch,
+            from ``lr`` down to 0).
+        batch_size: training batch size (the last incomplete batch of an epoch is dropped so BatchNorm never
+            sees a tiny batch).
+        lr, momentum: SGD settings.
+        weight_decay: SGD weight decay; ``None`` picks 5e-4 when training from scratch and 1e-4 when
+            fine-tuning from ``init`` (the value of the paper's fine-tuning runs).
+        penalty: ``"none"``, ``"l1"`` (gradient ℓ1, the paper's Eq. 3), ``"l2"`` (gradient ℓ2) or ``"dq"``
+            (the orthogonality regularizer of Defensive Quantization).
+        lam: ``λ``; the ℓ1/ℓ2 penalties use it for both the weight and the activation term, ``dq`` as its
+            weight.
+        penalty_epochs: regularize only in the last ``penalty_epochs`` epochs. Ignored when ``init`` is given:
+            a run from ``init`` is a fine-tuning phase and regularizes throughout.
+        init: a ``checkpoint.pt`` or ``model.pt`` to start from (weights only; fresh optimizer and schedule).
+        out: the run directory.
+        seed: seeds the model initialization and the data order/augmentation.
+        device: ``"auto"`` (CUDA when available, else CPU), or any ``torch.device`` string.
+        eval_every: evaluate on the test split every this many epochs (always after the last one).
+        num_classes, in_channels: taken from the dataset when ``None``.
+    """
+
+    model: str = "vgg_like"
+    dataset: str = "cifar10"
+    data_root: Optional[str] = None
+    width: float = 1.0
+    epochs: int = 100
+    batch_size: int = 128
+    lr: float = 0.05
+    momentum: float = 0.9
+    weight_decay: Optional[float] = None
+    penalty: str = "none"
+    lam: float = 0.05
+    penalty_epochs: int = 15
+    init: Optional[str] = None
+    out: Optional[str] = None
+    seed: int = 0
+    device: str = "auto"
+    eval_every: int = 1
+    num_classes: Optional[int] = None
+    in_channels: Optional[int] = None
+
+    def to_dict(self) -> Dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: Dict[str, Any]) -> "TrainConfig":
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - names)
+        if unknown:
+            raise ValueError(f"unknown TrainConfig fields {unknown}; known fields are {sorted(names)}")
+        return cls(**d)
+
+
+def _check_config(cfg: TrainConfig) -> None:
+    def positive_int(name):
+        v = getattr(cfg, name)
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise ValueError(f"{name} must be a positive int, got {v!r}")
+
+    for name in ("epochs", "batch_size", "eval_every"):
+        positive_int(name)
+    if cfg.penalty not in PENALTIES:
+        raise ValueError(f"penalty must be one of {PENALTIES}, got {cfg.penalty!r}")
+    for name in ("lr", "width"):
+        v = getattr(cfg, name)
+        if not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0:
+            raise ValueError(f"{name} must be a positive number, got {v!r}")
+    for name in ("momentum", "lam"):
+        v = getattr(cfg, name)
+        if not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
+            raise ValueError(f"{name} must be a non-negative number, got {v!r}")
+    if cfg.weight_decay is not None and (not math.isfinite(cfg.weight_decay) or cfg.weight_decay < 0):
+        raise ValueError(f"weight_decay must be a non-negative number or None, got {cfg.weight_decay!r}")
+    if (
+        isinstance(cfg.penalty_epochs, bool)
+        or not isinstance(cfg.penalty_epochs, int)
+        or cfg.penalty_epochs < 0
+    ):
+        raise ValueError(f"penalty_epochs must be a non-negative int, got {cfg.penalty_epochs!r}")
+    if cfg.penalty != "none" and cfg.init is None and cfg.penalty_epochs == 0:
+        raise ValueError(
+            f"penalty {cfg.penalty!r} with penalty_epochs=0 never regularizes; "
+            "set penalty_epochs >= 1, give init for a fine-tuning run, or use penalty 'none'"
+        )
+    if not cfg.out:
+        raise ValueError("out (the run directory) must be given")
+
+
+def resolve_device(device: Union[str, torch.device]) -> torch.device:
+    """``"auto"`` -> ``cuda`` when available, else ``cpu``; anything else is passed to ``torch.device``."""
+    if str(device) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as e:
+        raise ValueError(f"device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {device!r}") from e
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {device!r} requested but CUDA is not available; use 'cpu' or 'auto'")
+    return dev
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Files
+# ---------------------------------------------------------------------------------------------------------
+
+
+def _fsync_dir(path: Path) -> None:
+    # Makes the rename itself durable on POSIX; directories cannot be opened this way on Windows.
+    with contextlib.suppress(OSError):
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def _atomic_write(path: Path, write) -> None:
+    """Write ``path`` via a temp file in the same directory, fsync, ``os.replace``: readers see the old or the
+    new file, never a partial one."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+    _fsync_dir(path.parent)
+
+
+def _save_torch(obj: Any, path: Path) -> None:
+    _atomic_write(path, lambda f: torch.save(obj, f))
+
+
+def _save_text(text: str, path: Path) -> None:
+    _atomic_write(path, lambda f: f.write(text.encode("utf-8")))
+
+
+def load_checkpoint(path: Union[str, os.PathLike]) -> Dict[str, Any]:
+    """Read a qgrad ``checkpoint.pt``/``model.pt`` (or a bare state_dict) with ``weights_only=True``, on CPU.
+
+    Returns a dict with at least ``"model"`` (a state_dict); ``"config"`` when the file holds one.
+    Raises :class:`CheckpointError` naming the file when it is missing, truncated/corrupt, or not such a dict.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {path} does not exist or is not a file")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, zipfile.BadZipFile, EOFError, RuntimeError, ValueError, OSError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CheckpointError(
+            f"cannot read checkpoint {path}: {first} "
+            "(expected a file written by qgrad train: checkpoint.pt or model.pt)"
+        ) from e
+    if isinstance(obj, dict) and "model" in obj and isinstance(obj["model"], dict):
+        return obj
+    if isinstance(obj, dict) and obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
+        return {"model": obj}
+    raise CheckpointError(
+        f"checkpoint {path} holds a {type(obj).__name__} without a 'model' state_dict; "
+        "expected a file written by qgrad train (checkpoint.pt or model.pt) or a plain state_dict"
+    )
+
+
+def find_checkpoint(path: Union[str, os.PathLike]) -> Path:
+    """The model file behind ``path``: a run directory -> its ``model.pt`` (else ``checkpoint.pt``); a file ->
+    itself."""
+    path = Path(path)
+    if path.is_dir():
+        for name in (MODEL_FILE, CHECKPOINT):
+            if (path / name).is_file():
+                return path / name
+        raise CheckpointError(f"run directory {path} holds neither {MODEL_FILE} nor {CHECKPOINT}")
+    return path
+
+
+def _build_model(cfg: Dict[str, Any]) -> nn.Module:
+    from qgrad import models
+
+    return models.get(
+        cfg["model"],
+        num_classes=int(cfg["num_classes"]),
+        width=float(cfg["width"]),
+        in_channels=int(cfg["in_channels"]),
+    )
+
+
+def load_model(
+    path: Union[str, os.PathLike], device: Union[str, torch.device] = "cpu"
+) -> Tuple[nn.Module, dict]:
+    """Rebuild a trained model from a run directory, ``model.pt`` or ``checkpoint.pt``.
+
+    The architecture comes from the stored config (``model``, ``width``, ``num_classes``, ``in_channels``) via
+    ``qgrad.models.get``. Returns ``(model in eval mode on device, config dict)``.
+    """
+    file = find_checkpoint(path)
+    state = load_checkpoint(file)
+    cfg = state.get("config")
+    needed = ("model", "width", "num_classes", "in_channels")
+    if not isinstance(cfg, dict) or any(cfg.get(k) is None for k in needed):
+        raise CheckpointError(
+            f"checkpoint {file} has no model config (needs {', '.join(needed)}); "
+            "only files written by qgrad train can be rebuilt this way"
+        )
+    model = _build_model(cfg)
+    try:
+        model.load_state_dict(state["model"])
+    except RuntimeError as e:
+        raise CheckpointError(f"checkpoint {file} does not match a {cfg['model']} model: {e}") from e
+    return model.to(resolve_device(device)).eval(), dict(cfg)
+
+
+def _read_metrics(path: Path) -> List[dict]:
+    if not path.is_file():
+        return []
+    rows = []
+    for i, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if line.strip():
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError as e:
+                raise TrainingError(f"{path} line {i} is not valid JSON: {e}") from e
+    return rows
+
+
+def _append_metrics(path: Path, row: dict) -> None:
+    with open(path, "a", encoding="utf-8") as f:
+        f.write(json.dumps(row) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Training
+# ---------------------------------------------------------------------------------------------------------
+
+
+def _make_penalty(model: nn.Module, cfg: TrainConfig):
+    from qgrad.penalties import L1GradPenalty, L2GradPenalty, OrthogonalityPenalty
+
+    if cfg.penalty == "l1":
+        return L1GradPenalty(model, weight=cfg.lam, activation=cfg.lam)
+    if cfg.penalty == "l2":
+        return L2GradPenalty(model, weight=cfg.lam, activation=cfg.lam)
+    return OrthogonalityPenalty(model, weight=cfg.lam)
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, batches: Iterable) -> Tuple[float, float]:
+    """Mean cross-entropy and accuracy (percent) of ``model`` in eval mode over ``(inputs, targets)`` batches.
+
+    The model's train/eval mode is restored afterwards.
+    """
+    was_training = model.training
+    model.eval()
+    loss_sum, correct, count = 0.0, 0, 0
+    try:
+        for x, y in batches:
+            out = model(x)
+            loss_sum += float(nn.functional.cross_entropy(out, y, reduction="sum"))
+            correct += int((out.argmax(1) == y).sum())
+            count += y.numel()
+    finally:
+        model.train(was_training)
+    if count == 0:
+        raise ValueError("evaluate got no batches")
+    return loss_sum / count, 100.0 * correct / count
+
+
+def _resolve(cfg: TrainConfig, data) -> TrainConfig:
+    """Fill the fields that default from the dataset or the run kind; check the explicit ones against data."""
+    for name in ("num_classes", "in_channels"):
+        have, want = getattr(cfg, name), int(getattr(data, name))
+        if have is not None and have != want:
+            raise ValueError(f"{name}={have} does not match dataset {cfg.dataset!r}, which has {name}={want}")
+    wd = cfg.weight_decay
+    if wd is None:
+        wd = DEFAULT_FINETUNE_WEIGHT_DECAY if cfg.init else DEFAULT_WEIGHT_DECAY
+    return dataclasses.replace(
+        cfg,
+        num_classes=int(data.num_classes),
+        in_channels=int(data.in_channels),
+        weight_decay=float(wd),
+        width=float(cfg.width),
+        lr=float(cfg.lr),
+        momentum=float(cfg.momentum),
+        lam=float(cfg.lam),
+    )
+
+
+def _check_resume(stored: Dict[str, Any], cfg: TrainConfig, path: Path) -> None:
+    current = cfg.to_dict()
+    diffs = [
+        f"{k}: stored {stored.get(k)!r}, now {v!r}"
+        for k, v in current.items()
+        if k not in RESUME_MUTABLE and stored.get(k) != v
+    ]
+    if diffs:
+        raise TrainingError(
+            f"cannot resume {path}: the settings differ from the stopped run ({'; '.join(diffs)}); "
+            "resume with the stored settings or start a new run directory"
+        )
+
+
+def _init_weights(model: nn.Module, cfg: TrainConfig, state: Dict[str, Any]) -> None:
+    """Load the weights of ``state`` (read from ``cfg.init``) after checking it holds this architecture."""
+    src = state.get("config")
+    if isinstance(src, dict):
+        mismatch = [
+            f"{k} {src.get(k)!r} vs {getattr(cfg, k)!r}"
+            for k in ("model", "width", "num_classes", "in_channels")
+            if src.get(k) is not None and src.get(k) != getattr(cfg, k)
+        ]
+        if mismatch:
+            raise TrainingError(
+                f"init checkpoint {cfg.init} holds a different model than this run asks for "
+                f"({', '.join(mismatch)} (checkpoint vs run))"
+            )
+    try:
+        model.load_state_dict(state["model"])
+    except RuntimeError as e:
+        raise CheckpointError(f"init checkpoint {cfg.init} does not fit model {cfg.model!r}: {e}") from e
+
+
+def _fmt_epoch(row: dict, epochs: int) -> str:
+    parts = [f"epoch {row['epoch']}/{epochs}", f"lr {row['lr']:.4g}", f"loss {row['train_loss']:.4f}"]
+    if row.get("penalty") is not None:
+        terms = ", ".join(f"{k} {v:.4g}" for k, v in row.get("penalty_terms", {}).items())
+        parts.append(f"penalty {row['penalty']:.4g}" + (f" ({terms})" if terms else ""))
+    parts.append(f"train {row['train_acc']:.2f}%")
+    if row.get("test_acc") is not None:
+        parts.append(f"test {row['test_acc']:.2f}%")
+    parts.append(f"{row['seconds']:.1f}s")
+    return "  ".join(parts)
+
+
+def _train_epoch(model, loader, optimizer, scheduler, penalty, device, desc, progress) -> dict:
+    """One pass over ``loader``; the scheduler steps after every batch. Returns the epoch's mean statistics.
+
+    Raises TrainingError as soon as a non-finite loss or penalty is seen (checked at every progress update and
+    at the end of the epoch, so GPU runs do not synchronize on every step).
+    """
+    from tqdm.auto import tqdm
+
+    model.train()
+    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+    correct = torch.zeros((), dtype=torch.int64, device=device)
+    terms: Dict[str, float] = {}
+    count, steps = 0, 0
+    bar = tqdm(loader, desc=desc, leave=False, dynamic_ncols=True, disable=None if progress else True)
+    for x, y in bar:
+        optimizer.zero_grad(set_to_none=True)
+        out = model(x)
+        loss = nn.functional.cross_entropy(out, y)
+        if penalty is None:
+            loss.backward()
+        else:
+            stats = penalty.backward(loss)
+            for k, v in stats.items():
+                if k != "loss":
+                    terms[k] = terms.get(k, 0.0) + float(v)
+            if not math.isfinite(float(stats.get("penalty", 0.0))):
+                raise TrainingError(
+                    f"{desc}: the penalty became non-finite ({stats.get('penalty')}) at step {steps + 1}"
+                )
+        optimizer.step()
+        scheduler.step()
+        loss_sum += loss.detach() * y.numel()
+        correct += (out.detach().argmax(1) == y).sum()
+        count += y.numel()
+        steps += 1
+        if steps % 10 == 0 or steps == len(loader):
+            mean = float(loss_sum) / count
+            if not math.isfinite(mean):
+                raise TrainingError(f"{desc}: the training loss became non-finite at step {steps}")
+            if not bar.disable:
+                post = {"loss": f"{mean:.4f}"}
+                if "penalty" in terms:
+                    post["pen"] = f"{terms['penalty'] / steps:.4g}"
+                bar.set_postfix(post, refresh=False)
+    bar.close()
+    if count == 0:
+        raise TrainingError("the training loader produced no batches")
+    mean = float(loss_sum) / count
+    if not math.isfinite(mean):
+        raise TrainingError(f"{desc}: the training loss became non-finite")
+    row = {
+        "train_loss": mean,
+        "train_acc": 100.0 * float(correct) / count,
+        "penalty": None,
+        "penalty_terms": {},
+    }
+    if penalty is not None:
+        total = terms.pop("penalty", None)
+        row["penalty"] = None if total is None else total / steps
+        row["penalty_terms"] = {k: v / steps for k, v in terms.items()}
+    return row
+
+
+def train(
+    config: TrainConfig, progress: bool = True, resume: bool = False, stop_after: Optional[int] = None
+) -> Dict[str, Any]:
+    """Train ``config.model`` on ``config.dataset`` and return the metrics of the last finished epoch.
+
+    Args:
+        config: the run's settings; ``config.out`` is the run directory (created if needed).
+        progress: show a tqdm bar over the batches of each epoch (only on a terminal) with loss and penalty.
+        resume: continue the stopped run in ``config.out`` from its ``checkpoint.pt``: model, optimizer,
+            scheduler, epoch, and RNG states are restored and the loader is put at the same epoch, so a run
+            stopped and resumed produces the same parameters as an uninterrupted one (bit-identical on CPU).
+            The settings must equal the stored ones except ``data_root``, ``device``, ``out``, ``eval_every``.
+        stop_after: stop after this many epochs of *this call* (the schedule still spans ``config.epochs``);
+            continue later with ``resume=True``. ``None`` runs to the end.
+
+    Returns:
+        The last epoch's metrics row (as written to ``metrics.jsonl``) plus ``best_test_acc``, ``best_epoch``,
+        ``finished`` (``epoch == config.epochs``) and ``run_dir``.
+
+    Raises:
+        TrainingError: ``config.out`` already holds a checkpoint (and ``resume`` is False), the resumed
+            settings differ, or the loss became non-finite (the checkpoint of the last good epoch stays).
+        CheckpointError: ``init`` or the resumed checkpoint is missing or unreadable.
+    """
+    from qgrad import data as qdata
+
+    if not isinstance(config, TrainConfig):
+        raise TypeError(f"config must be a TrainConfig, got {type(config).__name__}")
+    _check_config(config)
+    if stop_after is not None and (
+        isinstance(stop_after, bool) or not isinstance(stop_after, int) or stop_after < 1
+    ):
+        raise ValueError(f"stop_after must be a positive int or None, got {stop_after!r}")
+    run_dir = Path(config.out)
+    ckpt_path = run_dir / CHECKPOINT
+    if resume and not ckpt_path.is_file():
+        raise TrainingError(f"nothing to resume: {ckpt_path} does not exist")
+    if not resume and ckpt_path.exists():
+        raise TrainingError(
+            f"{run_dir} already holds a checkpoint ({ckpt_path}); "
+            "resume it with --resume or choose another --out"
+        )
+    # Read init before the data, so that an unusable file fails fast.
+    init_state = load_checkpoint(config.init) if config.init is not None and not resume else None
+    device = resolve_device(config.device)
+
+    data = qdata.load(config.dataset, root=config.data_root)
+    cfg = _resolve(config, data)
+    state = None
+    if resume:
+        state = load_checkpoint(ckpt_path)
+        for key in ("optimizer", "scheduler", "epoch", "config"):
+            if key not in state:
+                raise CheckpointError(
+                    f"{ckpt_path} lacks {key!r}; it is not a training checkpoint written by qgrad"
+                )
+        _check_resume(state["config"], cfg, ckpt_path)
+
+    torch.manual_seed(cfg.seed)
+    model = _build_model(cfg.to_dict())
+    if init_state is not None:
+        _init_weights(model, cfg, init_state)
+    model.to(device)
+
+    if len(data.train_y) < cfg.batch_size:
+        raise ValueError(f"batch_size {cfg.batch_size} exceeds the {len(data.train_y)} training examples")
+    train_loader = qdata.DeviceLoader(
+        data.train_x,
+        data.train_y,
+        cfg.batch_size,
+        shuffle=True,
+        crop_padding=data.crop_padding,
+        flip=data.flip,
+        seed=cfg.seed,
+        device=device,
+        drop_last=True,
+    )
+    test_loader = qdata.DeviceLoader(data.test_x, data.test_y, max(256, cfg.batch_size), device=device)
+    optimizer = torch.optim.SGD(
+        model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay
+    )
+    steps_per_epoch = len(train_loader)
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=cfg.epochs * steps_per_epoch)
+
+    start_epoch, best, last = 0, None, None
+    metrics_path = run_dir / METRICS_FILE
+    if state is not None:
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        start_epoch = int(state["epoch"])
+        best, last = state.get("best"), state.get("last")
+        rng = state.get("rng", {})
+        if "torch" in rng:
+            torch.set_rng_state(rng["torch"])
+        if device.type == "cuda" and rng.get("cuda"):
+            torch.cuda.set_rng_state_all(rng["cuda"])
+        # Lines for epochs after the checkpoint (written just before an interrupted checkpoint save) go away.
+        kept = [r for r in _read_metrics(metrics_path) if int(r.get("epoch", 0)) <= start_epoch]
+        _save_text("".join(json.dumps(r) + "\n" for r in kept), metrics_path)
+    else:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        _save_text("", metrics_path)
+    _save_text(json.dumps(cfg.to_dict(), indent=2) + "\n", run_dir / CONFIG_FILE)
+
+    if start_epoch >= cfg.epochs:
+        logger.info("%s: all %d epochs are already done", run_dir, cfg.epochs)
+        return {**(last or {}), **_summary(best, start_epoch, cfg, run_dir)}
+
+    penalty_start = 0 if cfg.init is not None else max(0, cfg.epochs - cfg.penalty_epochs)
+    end_epoch = cfg.epochs if stop_after is None else min(cfg.epochs, start_epoch + stop_after)
+    penalty = None
+    try:
+        for epoch in range(start_epoch, end_epoch):
+            if cfg.penalty != "none" and epoch >= penalty_start and penalty is None:
+                penalty = _make_penalty(model, cfg)
+                logger.info("epoch %d: %s penalty on (lambda %g)", epoch + 1, cfg.penalty, cfg.lam)
+            train_loader.set_epoch(epoch)
+            t0 = time.perf_counter()
+            lr = optimizer.param_groups[0]["lr"]
+            row = {"epoch": epoch + 1, "lr": lr}
+            row.update(
+                _train_epoch(
+                    model,
+                    train_loader,
+                    optimizer,
+                    scheduler,
+                    penalty,
+                    device,
+                    f"epoch {epoch + 1}/{cfg.epochs}",
+                    progress,
+                )
+            )
+            if (epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.epochs:
+                row["test_loss"], row["test_acc"] = evaluate(model, test_loader)
+            else:
+                row["test_loss"], row["test_acc"] = None, None
+            row["seconds"] = time.perf_counter() - t0
+            last = row
+            if row["test_acc"] is not None and (best is None or row["test_acc"] > best["test_acc"]):
+                best = row
+            # metrics first, checkpoint second: a crash in between leaves an extra line that resume drops.
+            _append_metrics(metrics_path, row)
+            _save_checkpoint(run_dir, model, optimizer, scheduler, epoch + 1, cfg, best, last, device)
+            logger.info("%s", _fmt_epoch(row, cfg.epochs))
+    finally:
+        if penalty is not None:
+            penalty.remove()
+    return {**last, **_summary(best, last["epoch"], cfg, run_dir)}
+
+
+def _summary(best, epoch, cfg, run_dir) -> dict:
+    return {
+        "best_test_acc": None if best is None else best["test_acc"],
+        "best_epoch": None if best is None else best["epoch"],
+        "finished": epoch >= cfg.epochs,
+        "run_dir": str(run_dir),
+    }
+
+
+def _save_checkpoint(run_dir, model, optimizer, scheduler, epoch, cfg, best, last, device) -> None:
+    rng = {"torch": torch.get_rng_state()}
+    if device.type == "cuda":
+        rng["cuda"] = torch.cuda.get_rng_state_all()
+    config = cfg.to_dict()
+    model_state = model.state_dict()
+    _save_torch(
+        {
+            "format": "qgrad.checkpoint",
+            "version": 1,
+            "model": model_state,
+            "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(),
+            "epoch": epoch,
+            "rng": rng,
+            "config": config,
+            "best": best,
+            "last": last,
+        },
+        run_dir / CHECKPOINT,
+    )
+    _save_torch({"model": model_state, "config": config}, run_dir / MODEL_FILE)

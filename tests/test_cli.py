@@ -1,0 +1,175 @@
+"""Command line: train/resume/overwrite/errors, sweep, the quick demo, and ``python -m qgrad``."""
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import qgrad.data
+from qgrad.cli import main
+from qgrad.cli.sweep import parse_config
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = [
+    "--dataset",
+    "digits",
+    "--model",
+    "vgg_like",
+    "--width",
+    "0.0625",
+    "--batch-size",
+    "128",
+    "--device",
+    "cpu",
+    "--no-progress",
+]
+
+
+def _metrics(run_dir):
+    return [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    """A 2-epoch run made as 1 epoch, a stop, and a resume that takes every setting from the stored run."""
+    out = tmp_path_factory.mktemp("cli") / "run"
+    assert main(["train", *TINY, "--epochs", "2", "--stop-after", "1", "--out", str(out)]) == 0
+    assert [r["epoch"] for r in _metrics(out)] == [1]
+    assert main(["train", "--out", str(out), "--resume", "--no-progress"]) == 0
+    return out
+
+
+def test_python_m_qgrad_help():
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+    proc = subprocess.run(
+        [sys.executable, "-m", "qgrad", "--help"], capture_output=True, text=True, env=env, timeout=120
+    )
+    assert proc.returncode == 0, proc.stderr
+    for command in ("train", "sweep", "demo"):
+        assert command in proc.stdout
+
+
+@pytest.mark.parametrize(
+    "command, option", [("train", "--penalty-epochs"), ("sweep", "--act-range"), ("demo", "--quick")]
+)
+def test_subcommand_help(capsys, command, option):
+    assert main([command, "--help"]) == 0
+    assert option in capsys.readouterr().out
+
+
+def test_train_and_resume(run_dir, capsys):
+    rows = _metrics(run_dir)
+    assert [r["epoch"] for r in rows] == [1, 2]
+    ckpt = torch.load(run_dir / "checkpoint.pt", weights_only=True)
+    assert ckpt["epoch"] == 2 and ckpt["config"]["width"] == 0.0625 and ckpt["config"]["epochs"] == 2
+    # the lr of epoch 2 continues the cosine schedule of a 2-epoch run
+    assert rows[1]["lr"] == pytest.approx(0.025)
+
+
+def test_train_refuses_to_overwrite(run_dir, capsys):
+    before = (run_dir / "metrics.jsonl").read_text()
+    assert main(["train", *TINY, "--epochs", "1", "--out", str(run_dir)]) == 1
+    err = capsys.readouterr().err
+    assert "already holds a checkpoint" in err and "--resume" in err and "Traceback" not in err
+    assert len(err.strip().splitlines()) == 1
+    assert (run_dir / "metrics.jsonl").read_text() == before
+
+
+def test_resume_with_a_changed_setting_is_refused(run_dir, capsys):
+    assert main(["train", "--out", str(run_dir), "--resume", "--lr", "0.2", "--no-progress"]) == 1
+    assert "lr: stored 0.05, now 0.2" in capsys.readouterr().err
+
+
+def test_missing_data_dir_is_one_line_unless_debug(tmp_path, capsys, monkeypatch):
+    missing = tmp_path / "cifar"
+    argv = ["train", "--dataset", "cifar10", "--data-root", str(missing), "--out", str(tmp_path / "run")]
+    assert main(argv) == 1
+    err = capsys.readouterr().err
+    assert str(missing) in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
+    assert main(["--debug", *argv]) == 1
+    assert "Traceback" in capsys.readouterr().err
+    monkeypatch.setenv("QGRAD_DEBUG", "1")
+    assert main(argv) == 1
+    assert "FileNotFoundError" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
+
+
+def test_usage_errors_exit_2(tmp_path, capsys):
+    assert main(["train", "--penalty", "l3", "--out", str(tmp_path)]) == 2
+    assert "invalid choice" in capsys.readouterr().err
+    assert main(["train"]) == 2  # --out is required
+    assert main([]) == 2
+
+
+def test_sweep_prints_table_and_writes_json(run_dir, tmp_path, capsys):
+    out = tmp_path / "sweep.json"
+    assert (
+        main(["sweep", str(run_dir), "--configs", "8,8", "4,4", "f,4", "--out", str(out), "--no-progress"])
+        == 0
+    )
+    text = capsys.readouterr().out
+    assert text.count("\n|") >= 5  # header, separator, float row and three configs
+    result = json.loads(out.read_text())
+    rows = result["rows"]
+    assert [(r["weight_bits"], r["act_bits"]) for r in rows] == [(None, None), (8, 8), (4, 4), (None, 4)]
+    # the float row is the model the run evaluated last
+    assert rows[0]["accuracy"] == pytest.approx(_metrics(run_dir)[-1]["test_acc"], abs=1e-9)
+    assert rows[0]["kl"] == 0.0
+    n_test = len(qgrad.data.load("digits").test_y)
+    for r in rows:
+        assert 0.0 <= r["accuracy"] <= 100.0 and r["kl"] >= 0.0 and r["samples"] == n_test
+    # without --out, the JSON goes next to the model file
+    assert main(["sweep", str(run_dir / "checkpoint.pt"), "--configs", "8,8", "--no-progress"]) == 0
+    assert json.loads((run_dir / "sweep.json").read_text())["source"].endswith("checkpoint.pt")
+
+
+@pytest.mark.parametrize("bad", ["9x", "8", "8,4,4", "8,1", "17,4", "a,b"])
+def test_sweep_rejects_bad_configs(run_dir, capsys, bad):
+    assert main(["sweep", str(run_dir), "--configs", bad]) == 2
+    assert "bad config" in capsys.readouterr().err
+
+
+def test_parse_config():
+    assert parse_config("8,4") == (8, 4)
+    assert parse_config("f,4") == (None, 4)
+    assert parse_config("None, FLOAT") == (None, None)
+    with pytest.raises(argparse.ArgumentTypeError, match=r"\[2, 16\]"):
+        parse_config("1,4")
+
+
+def test_sweep_of_a_missing_run_is_a_runtime_error(tmp_path, capsys):
+    assert main(["sweep", str(tmp_path / "nothing")]) == 1
+    assert str(tmp_path / "nothing") in capsys.readouterr().err
+
+
+def test_quick_demo(tmp_path, capsys):
+    out = tmp_path / "demo"
+    argv = ["demo", "--quick", "--width", "0.0625", "--out", str(out), "--no-progress"]
+    assert main(argv) == 0
+    text = capsys.readouterr().out
+    assert "| config (W,A) | baseline acc | l1 acc | baseline KL | l1 KL |" in text
+    result = json.loads((out / "demo.json").read_text())
+    assert [tuple(c) for c in result["configs"]] == [(None, None), (8, 4), (4, 4), (3, 3)]
+    for key in ("baseline", "l1"):
+        assert len(result[key]) == 4
+    table_rows = [
+        line
+        for line in text.splitlines()
+        if line.startswith("| ") and "acc" not in line and "---" not in line
+    ]
+    assert len(table_rows) == 4
+    # both fine-tunes start from the baseline and run the same number of epochs
+    for sub, key in (("finetune", "baseline"), ("finetune_l1", "l1")):
+        rows = _metrics(out / sub)
+        assert [r["epoch"] for r in rows] == [1]
+        assert result[key][0]["accuracy"] == pytest.approx(rows[-1]["test_acc"], abs=1e-9)
+    assert _metrics(out / "finetune_l1")[0]["penalty"] is not None
+    assert _metrics(out / "finetune")[0]["penalty"] is None
+    # a second demo into the same folder needs --overwrite
+    assert main(argv) == 1
+    assert "--overwrite" in capsys.readouterr().err

@@ -1,0 +1,235 @@
+"""Training loop: outputs of a run, exact resume, fine-tuning from init, and the error paths.
+
+All runs use scikit-learn's digits and a VGG-like at width 1/16, so each epoch takes well under a second.
+"""
+
+import dataclasses
+import json
+import shutil
+
+import pytest
+import torch
+from torch import nn
+
+import qgrad.data
+import qgrad.models
+from qgrad.data import DeviceLoader
+from qgrad.training import (
+    CheckpointError,
+    TrainConfig,
+    TrainingError,
+    load_checkpoint,
+    load_model,
+    train,
+)
+
+TINY = dict(model="vgg_like", dataset="digits", width=0.0625, batch_size=128, lr=0.05, seed=0, device="cpu")
+LAM = 1e-3
+
+
+def _metrics(run_dir):
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def _params(state):
+    return {k: v for k, v in state.items() if "running" not in k and "num_batches" not in k}
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """A 2-epoch run with the l1 penalty in its last epoch, and the same run stopped after epoch 1."""
+    root = tmp_path_factory.mktemp("runs")
+    cfg = TrainConfig(epochs=2, penalty="l1", lam=LAM, penalty_epochs=1, **TINY)
+    full = train(TrainConfig(**{**cfg.to_dict(), "out": str(root / "full")}), progress=False)
+    stopped = train(
+        TrainConfig(**{**cfg.to_dict(), "out": str(root / "stopped")}), progress=False, stop_after=1
+    )
+    return {
+        "root": root,
+        "full": root / "full",
+        "stopped": root / "stopped",
+        "result": full,
+        "stopped_result": stopped,
+        "config": cfg,
+    }
+
+
+def _copy_stopped(runs, tmp_path):
+    dst = tmp_path / "run"
+    shutil.copytree(runs["stopped"], dst)
+    return dst
+
+
+def test_run_writes_loadable_checkpoint_and_metrics(runs):
+    run_dir = runs["full"]
+    ckpt = torch.load(run_dir / "checkpoint.pt", weights_only=True)
+    assert ckpt["epoch"] == 2
+    assert set(ckpt) >= {"model", "optimizer", "scheduler", "epoch", "rng", "config", "best", "last"}
+    assert ckpt["config"]["penalty"] == "l1" and ckpt["config"]["num_classes"] == 10
+    model_file = torch.load(run_dir / "model.pt", weights_only=True)
+    for k, v in ckpt["model"].items():
+        assert torch.equal(model_file["model"][k], v), k
+    assert json.loads((run_dir / "config.json").read_text()) == ckpt["config"]
+
+    rows = _metrics(run_dir)
+    assert [r["epoch"] for r in rows] == [1, 2]
+    assert rows[1]["train_loss"] < rows[0]["train_loss"]
+    assert rows[1]["test_acc"] > 50.0  # chance is 10%
+    # cosine schedule stepped per batch: epoch 2 starts half-way, at lr/2
+    assert rows[0]["lr"] == pytest.approx(0.05) and rows[1]["lr"] == pytest.approx(0.025)
+    # the penalty is only on in the last epoch, and its value is lam * (sum of the two unweighted terms)
+    assert rows[0]["penalty"] is None
+    terms = rows[1]["penalty_terms"]
+    assert set(terms) == {"weight_l1", "activation_l1"}
+    assert rows[1]["penalty"] == pytest.approx(LAM * (terms["weight_l1"] + terms["activation_l1"]), rel=1e-5)
+    assert runs["result"]["finished"] and runs["result"]["epoch"] == 2
+
+
+def test_load_model_reproduces_the_recorded_test_accuracy(runs):
+    model, config = load_model(runs["full"])
+    assert not model.training and config["width"] == TINY["width"]
+    data = qgrad.data.load("digits")
+    with torch.no_grad():
+        pred = torch.cat([model(x).argmax(1) for x in data.test_x.split(100)])
+    acc = 100.0 * (pred == data.test_y).double().mean().item()
+    assert acc == pytest.approx(_metrics(runs["full"])[-1]["test_acc"], abs=1e-9)
+
+
+def test_resume_is_bit_identical_and_drops_stale_metric_lines(runs, tmp_path):
+    run_dir = _copy_stopped(runs, tmp_path)
+    assert not runs["stopped_result"]["finished"]
+    assert torch.load(run_dir / "checkpoint.pt", weights_only=True)["epoch"] == 1
+    # a line for epoch 2 written just before an interrupted checkpoint save must not survive the resume
+    with open(run_dir / "metrics.jsonl", "a") as f:
+        f.write(json.dumps({"epoch": 2, "train_loss": -1.0}) + "\n")
+    cfg = TrainConfig(**{**runs["config"].to_dict(), "out": str(run_dir)})
+    result = train(cfg, progress=False, resume=True)
+    assert result["finished"]
+
+    a = torch.load(runs["full"] / "checkpoint.pt", weights_only=True)
+    b = torch.load(run_dir / "checkpoint.pt", weights_only=True)
+    for k in a["model"]:
+        assert torch.equal(a["model"][k], b["model"][k]), k
+    for k, state in a["optimizer"]["state"].items():
+        assert torch.equal(state["momentum_buffer"], b["optimizer"]["state"][k]["momentum_buffer"])
+    assert a["scheduler"]["last_epoch"] == b["scheduler"]["last_epoch"]
+
+    ra, rb = _metrics(runs["full"]), _metrics(run_dir)
+    assert [r["epoch"] for r in rb] == [1, 2]
+    for x, y in zip(ra, rb):
+        x.pop("seconds"), y.pop("seconds")
+        assert x == y
+
+
+def test_resume_with_other_settings_or_without_checkpoint_fails(runs, tmp_path):
+    run_dir = _copy_stopped(runs, tmp_path)
+    before = (run_dir / "checkpoint.pt").read_bytes()
+    cfg = TrainConfig(**{**runs["config"].to_dict(), "out": str(run_dir), "lr": 0.1})
+    with pytest.raises(TrainingError, match=r"lr: stored 0.05, now 0.1"):
+        train(cfg, progress=False, resume=True)
+    assert (run_dir / "checkpoint.pt").read_bytes() == before
+    with pytest.raises(TrainingError, match="nothing to resume"):
+        train(TrainConfig(epochs=1, out=str(tmp_path / "empty"), **TINY), progress=False, resume=True)
+
+
+def test_refuses_to_overwrite_a_run(runs):
+    before = (runs["full"] / "metrics.jsonl").read_text()
+    cfg = TrainConfig(**{**runs["config"].to_dict(), "out": str(runs["full"])})
+    with pytest.raises(TrainingError, match="already holds a checkpoint"):
+        train(cfg, progress=False)
+    assert (runs["full"] / "metrics.jsonl").read_text() == before
+
+
+@pytest.mark.parametrize(
+    "penalty, terms", [("l2", {"weight_l2", "activation_l2"}), ("dq", {"orthogonality"})]
+)
+def test_finetune_from_init_regularizes_throughout(runs, tmp_path, penalty, terms):
+    # lr 1e-9 keeps the weights where init put them, which shows init was loaded (a fresh model differs).
+    init = runs["full"] / "model.pt"
+    cfg = TrainConfig(
+        **{**TINY, "lr": 1e-9},
+        epochs=1,
+        penalty=penalty,
+        lam=LAM,
+        penalty_epochs=0,
+        init=str(init),
+        out=str(tmp_path / penalty),
+    )
+    result = train(cfg, progress=False)
+    assert result["penalty"] is not None and set(result["penalty_terms"]) == terms
+    assert result["penalty"] == pytest.approx(LAM * sum(result["penalty_terms"].values()), rel=1e-5)
+    config = json.loads((tmp_path / penalty / "config.json").read_text())
+    assert config["weight_decay"] == 1e-4  # the fine-tuning default
+    start = _params(torch.load(init, weights_only=True)["model"])
+    end = _params(torch.load(tmp_path / penalty / "model.pt", weights_only=True)["model"])
+    for k in start:
+        torch.testing.assert_close(end[k], start[k], rtol=0, atol=1e-6)
+    fresh = _params(qgrad.models.get("vgg_like", 10, TINY["width"], 1).state_dict())
+    assert any(not torch.allclose(fresh[k], start[k]) for k in start)
+
+
+def test_unreadable_init_checkpoint_names_the_file(runs, tmp_path):
+    garbage = tmp_path / "garbage.pt"
+    garbage.write_bytes(b"not a checkpoint at all")
+    truncated = tmp_path / "truncated.pt"
+    blob = (runs["full"] / "model.pt").read_bytes()
+    truncated.write_bytes(blob[: len(blob) // 2])
+    for path in (garbage, truncated, tmp_path / "missing.pt"):
+        cfg = TrainConfig(epochs=1, init=str(path), out=str(tmp_path / "out"), **TINY)
+        with pytest.raises(CheckpointError, match=str(path)):
+            train(cfg, progress=False)
+        with pytest.raises(CheckpointError, match=str(path)):
+            load_model(path)
+    assert not (tmp_path / "out").exists()
+    assert set(load_checkpoint(runs["full"] / "checkpoint.pt")) >= {"model", "config"}
+
+
+def test_missing_cifar10_directory_is_a_clear_error(tmp_path):
+    missing = tmp_path / "no_such_dir"
+    cfg = TrainConfig(dataset="cifar10", data_root=str(missing), epochs=1, out=str(tmp_path / "out"))
+    with pytest.raises(FileNotFoundError, match=str(missing)):
+        train(cfg, progress=False)
+    assert not (tmp_path / "out").exists()
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(runs, tmp_path, monkeypatch):
+    run_dir = _copy_stopped(runs, tmp_path)
+    before = (run_dir / "checkpoint.pt").read_bytes()
+    real_load = qgrad.data.load
+
+    def load_with_nan(name, root=None):
+        data = real_load(name, root)
+        x = data.train_x.clone()
+        x[::7] = float("nan")
+        return dataclasses.replace(data, train_x=x)
+
+    monkeypatch.setattr(qgrad.data, "load", load_with_nan)
+    cfg = TrainConfig(**{**runs["config"].to_dict(), "out": str(run_dir)})
+    with pytest.raises(TrainingError, match="non-finite"):
+        train(cfg, progress=False, resume=True)
+    assert (run_dir / "checkpoint.pt").read_bytes() == before
+    assert [r["epoch"] for r in _metrics(run_dir)] == [1]
+
+
+def test_config_validation():
+    with pytest.raises(ValueError, match="penalty must be one of"):
+        train(TrainConfig(penalty="l3", out="x"))
+    with pytest.raises(ValueError, match="never regularizes"):
+        train(TrainConfig(penalty="l1", penalty_epochs=0, out="x"))
+    with pytest.raises(ValueError, match="epochs must be a positive int"):
+        train(TrainConfig(epochs=0, out="x"))
+    with pytest.raises(ValueError, match="unknown TrainConfig fields"):
+        TrainConfig.from_dict({"lr": 0.1, "learning_rate": 0.1})
+
+
+def test_evaluate_matches_a_direct_computation():
+    from qgrad.training import evaluate
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(12, 3))
+    x, y = torch.randn(10, 1, 3, 4), torch.randint(0, 3, (10,))
+    loss, acc = evaluate(model, DeviceLoader(x, y, 4))
+    logits = model(x)
+    assert loss == pytest.approx(nn.functional.cross_entropy(logits, y).item(), rel=1e-6)
+    assert acc == pytest.approx(100.0 * (logits.argmax(1) == y).float().mean().item())
+    assert model.training
