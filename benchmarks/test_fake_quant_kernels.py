@@ -1,0 +1,188 @@
+"""Fake-quantization throughput: the fused Triton kernels against the reference and PyTorch's own ops.
+
+Rows: ``impl`` in {triton, reference, torch (``torch.fake_quantize_per_{tensor,channel}_affine``),
+torch_learnable (``torch._fake_quantize_learnable_per_{tensor,channel}_affine``)}, per-tensor and per-channel
+(axis 0 of a ``(256, numel / 256)`` float32 tensor, the weight layout), forward (``fwd``) and forward +
+backward (``fwd_bwd``; dx, and the scale / zero-point gradients where the op has them).
+
+``extra_info`` holds ``GBps`` for the essential traffic (forward: read x, write y; backward: read x and dy,
+write dx; fwd_bwd counts both), the device's measured copy bandwidth ``copy_GBps`` (``y.copy_(x)`` of the
+same size) and their ratio ``fraction_of_copy``. On CUDA the time behind ``GBps`` is the median of
+``triton.testing.do_bench`` (device events); on a CPU it is pytest-benchmark's median.
+
+Sizes: 1M, 16M and 64M elements with CUDA; 1M and 4M on a CPU, where the Triton rows are skipped (the
+Triton interpreter is a correctness tool, not a performance target).
+
+    pytest benchmarks/test_fake_quant_kernels.py --benchmark-only
+"""
+import importlib
+import importlib.util
+import pathlib
+import statistics
+import sys
+import time
+
+import pytest
+import torch
+
+from qgrad.reference import fake_quant_backward_ref, fake_quant_ref
+
+CUDA = torch.cuda.is_available()
+DEVICE = torch.device("cuda" if CUDA else "cpu")
+SIZES = [2**20, 2**24, 2**26] if CUDA else [2**20, 2**22]
+CHANNELS = 256
+QMIN, QMAX = -128, 127
+IMPLS = ["triton", "reference", "torch", "torch_learnable"]
+
+
+def _import_kernels():
+    """``qgrad.kernels``; in a source checkout (not installed) the top-level ``kernels/`` folder by path."""
+    try:
+        return importlib.import_module("qgrad.kernels")
+    except ModuleNotFoundError as exc:
+        if exc.name != "qgrad.kernels":
+            raise
+    folder = pathlib.Path(__file__).resolve().parents[1] / "kernels"
+    spec = importlib.util.spec_from_file_location(
+        "qgrad.kernels", folder / "__init__.py", submodule_search_locations=[str(folder)]
+    )
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["qgrad.kernels"] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+K = _import_kernels()
+_OK, _WHY = K.is_available()
+TRITON_REASON = None
+if not CUDA:
+    TRITON_REASON = "no CUDA device: the Triton interpreter is a correctness tool, not a performance target"
+elif not _OK or importlib.import_module("qgrad.kernels.fake_quant")._INTERPRETED:
+    TRITON_REASON = f"Triton kernels not compiled for the GPU here: {_WHY}"
+
+
+def _sync():
+    if CUDA:
+        torch.cuda.synchronize()
+
+
+def _device_ms(fn):
+    """Median milliseconds of ``fn``: device events on CUDA, wall clock (after warm-up) on a CPU."""
+    if CUDA:
+        import triton.testing
+
+        return triton.testing.do_bench(fn, warmup=25, rep=200, return_mode="median")
+    for _ in range(2):
+        fn()
+    times = []
+    for _ in range(7):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return 1e3 * statistics.median(times)
+
+
+_COPY_GBPS = {}
+
+
+def _copy_gbps(numel):
+    """Measured bandwidth of ``y.copy_(x)`` (read + write) for float32 tensors of ``numel`` elements."""
+    if numel not in _COPY_GBPS:
+        x = torch.randn(numel, device=DEVICE)
+        y = torch.empty_like(x)
+        ms = _device_ms(lambda: y.copy_(x))
+        _COPY_GBPS[numel] = 2 * numel * x.element_size() / (ms * 1e-3) / 1e9
+    return _COPY_GBPS[numel]
+
+
+def _inputs(numel, per_channel):
+    g = torch.Generator().manual_seed(0)
+    x = (torch.randn(CHANNELS, numel // CHANNELS, generator=g) * 2).to(DEVICE)
+    dy = torch.randn(x.shape, generator=g).to(DEVICE)
+    if per_channel:
+        scale = (torch.rand(CHANNELS, generator=g) * 0.02 + 0.01).to(DEVICE)
+        zp = torch.zeros(CHANNELS, device=DEVICE)
+    else:
+        scale, zp = torch.tensor(0.02, device=DEVICE), torch.tensor(0.0, device=DEVICE)
+    return x, dy, scale, zp
+
+
+def _make_fn(impl, mode, x, dy, scale, zp, per_channel):
+    """A zero-argument callable running ``impl`` once (forward, or forward + backward)."""
+    axis = 0 if per_channel else None
+    n_groups = CHANNELS if per_channel else 1
+    grad_scale = 1.0 / (x.numel() / n_groups * QMAX) ** 0.5
+    if impl == "triton":
+        if mode == "fwd":
+            return lambda: K.fake_quant_fwd(x, scale, zp, QMIN, QMAX, axis)
+        return lambda: (K.fake_quant_fwd(x, scale, zp, QMIN, QMAX, axis),
+                        K.fake_quant_bwd(dy, x, scale, zp, QMIN, QMAX, axis, grad_scale, True, True))
+    if impl == "reference":
+        if mode == "fwd":
+            return lambda: fake_quant_ref(x, scale, zp, QMIN, QMAX, axis)
+        return lambda: (fake_quant_ref(x, scale, zp, QMIN, QMAX, axis),
+                        fake_quant_backward_ref(dy, x, scale, zp, QMIN, QMAX, axis, grad_scale))
+    if impl == "torch":
+        if per_channel:
+            zp_int = zp.to(torch.int32)
+            op = lambda t: torch.fake_quantize_per_channel_affine(t, scale, zp_int, 0, QMIN, QMAX)
+        else:
+            s, z = float(scale), int(zp)
+            op = lambda t: torch.fake_quantize_per_tensor_affine(t, s, z, QMIN, QMAX)
+        params = []
+    else:  # torch_learnable
+        # the per-tensor learnable op takes 1-element 1-d scale / zero-point tensors
+        scale, zp = scale.reshape(-1).clone().requires_grad_(True), zp.reshape(-1).clone().requires_grad_(True)
+        if per_channel:
+            op = lambda t: torch._fake_quantize_learnable_per_channel_affine(
+                t, scale, zp, 0, QMIN, QMAX, grad_scale)
+        else:
+            op = lambda t: torch._fake_quantize_learnable_per_tensor_affine(
+                t, scale, zp, QMIN, QMAX, grad_scale)
+        params = [scale, zp]
+    if mode == "fwd":
+        def fwd():
+            with torch.no_grad():
+                return op(x)
+        return fwd
+    xg = x.detach().requires_grad_(True)
+    return lambda: torch.autograd.grad(op(xg), [xg] + params, dy)
+
+
+@pytest.mark.parametrize("numel", SIZES, ids=[f"{n >> 20}M" for n in SIZES])
+@pytest.mark.parametrize("mode", ["fwd", "fwd_bwd"])
+@pytest.mark.parametrize("granularity", ["per_tensor", "per_channel"])
+@pytest.mark.parametrize("impl", IMPLS)
+def test_fake_quant_throughput(benchmark, impl, granularity, mode, numel):
+    if impl == "triton" and TRITON_REASON:
+        pytest.skip(TRITON_REASON)
+    per_channel = granularity == "per_channel"
+    x, dy, scale, zp = _inputs(numel, per_channel)
+    fn = _make_fn(impl, mode, x, dy, scale, zp, per_channel)
+
+    def run():
+        fn()
+        _sync()
+
+    ms = _device_ms(fn) if CUDA else None
+    benchmark.pedantic(run, rounds=20 if CUDA else 5, warmup_rounds=2)
+    if ms is None:
+        ms = 1e3 * benchmark.stats.stats.median
+    passes = 2 if mode == "fwd" else 5
+    gbps = passes * numel * x.element_size() / (ms * 1e-3) / 1e9
+    copy = _copy_gbps(numel)
+    benchmark.extra_info.update(
+        impl=impl, granularity=granularity, mode=mode, numel=numel, dtype="float32",
+        median_ms=ms, timer="triton.testing.do_bench" if CUDA else "pytest-benchmark",
+        bytes=passes * numel * x.element_size(), GBps=gbps, copy_GBps=copy, fraction_of_copy=gbps / copy,
+        device=torch.cuda.get_device_name() if CUDA else "cpu", threads=torch.get_num_threads(),
+        torch=torch.__version__, triton=_triton_version(),
+    )
+
+
+def _triton_version():
+    try:
+        import triton
+    except ImportError:
+        return None
+    return triton.__version__
