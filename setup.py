@@ -1,0 +1,155 @@
+"""Build of qgrad: the pure-Python package, plus the compiled extension ``qgrad._C`` when it can be built.
+
+Project metadata lives in pyproject.toml; this file adds what a declarative config cannot express:
+
+* ``qgrad._C`` from ``csrc/``: a ``CppExtension`` (OpenMP CPU kernels) on a CPU-only torch, a
+  ``CUDAExtension`` (CPU kernels plus ``csrc/cuda/*.cu``) when torch was built with CUDA and a CUDA toolkit
+  is found. The extension must be compiled against the torch that will import it, hence
+  ``pip install --no-build-isolation .``; a plain ``pip install .`` builds in an isolated environment
+  without torch and yields the pure-Python package.
+* the top-level ``kernels/`` folder (Triton kernels), installed as the package ``qgrad.kernels``.
+
+Environment variables:
+
+* ``QGRAD_BUILD_EXT``: unset (or ``auto``) builds the extension when torch is importable and falls back to
+  the pure-Python package, with one message, when it is not or when compiling fails; ``0`` never builds it;
+  ``1`` requires it and fails the install otherwise.
+* ``TORCH_CUDA_ARCH_LIST`` (e.g. ``"8.0;9.0"``) and ``MAX_JOBS`` are read by ``torch.utils.cpp_extension``:
+  the GPU architectures to compile for and the number of parallel compiler jobs (ninja builds the files in
+  parallel, one op per file).
+"""
+
+import glob
+import os
+import sys
+
+from setuptools import find_packages, setup
+from setuptools.dist import Distribution
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+BUILD_EXT = os.environ.get("QGRAD_BUILD_EXT", "auto").strip().lower()
+REQUIRE_EXT = BUILD_EXT == "1"
+HOW_TO_BUILD = (
+    "to build it, install torch first and then run `pip install --no-build-isolation .` "
+    "(add -e for an editable install; set QGRAD_BUILD_EXT=1 to make a failed build an error)"
+)
+# setup.py also runs for metadata-only commands (egg_info, dist_info); only builds print the note.
+_BUILD_COMMANDS = ("build", "build_ext", "build_py", "bdist_wheel", "editable_wheel", "install", "develop")
+_BUILDING = any(cmd in sys.argv for cmd in _BUILD_COMMANDS)
+
+
+def _note(message):
+    if _BUILDING:
+        print(f"qgrad: {message}", file=sys.stderr)
+
+
+def _packages():
+    packages = find_packages(where=ROOT, include=["qgrad", "qgrad.*"])
+    package_dir = {}
+    if os.path.isdir(os.path.join(ROOT, "kernels")):
+        package_dir["qgrad.kernels"] = "kernels"
+        subpackages = find_packages(where=os.path.join(ROOT, "kernels"))
+        packages += ["qgrad.kernels"] + ["qgrad.kernels." + p for p in subpackages]
+    return packages, package_dir
+
+
+def _sources(pattern):
+    return sorted(os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, pattern)))
+
+
+def _extension():
+    """Return (ext_modules, cmdclass); empty when the extension is skipped."""
+    if BUILD_EXT == "0":
+        _note(
+            "QGRAD_BUILD_EXT=0: skipping the compiled extension qgrad._C; installing the pure-Python package"
+        )
+        return [], {}
+    try:
+        import torch
+        from torch.utils import cpp_extension
+    except ImportError as exc:
+        if REQUIRE_EXT:
+            raise RuntimeError(
+                f"QGRAD_BUILD_EXT=1 but torch is not importable here ({exc}); {HOW_TO_BUILD}"
+            ) from exc
+        _note(
+            "torch is not importable in this build environment (pip's build isolation hides it), so the "
+            "compiled extension qgrad._C was skipped and the pure-Python package is installed; "
+            f"{HOW_TO_BUILD}"
+        )
+        return [], {}
+
+    sources = _sources("csrc/binding.cpp") + _sources("csrc/cpu/*.cpp")
+    # -fno-trapping-math lets GCC if-convert the kernels' selects and so vectorize their loops (checked with
+    # -fopt-info-vec: without it no hot loop vectorizes). It only drops the guarantee about floating-point
+    # exception flags; rounding stays IEEE round-to-nearest and nothing is reassociated. No -ffast-math: the
+    # kernels must reproduce the IEEE division and rounding of the reference bit for bit.
+    if sys.platform == "win32":
+        cxx, link = ["/O2", "/openmp"], []
+    elif sys.platform == "darwin":
+        # Apple clang has no -fopenmp; at::parallel_for then runs on one thread in these kernels.
+        cxx, link = ["-O3", "-fno-trapping-math"], []
+    else:
+        # -fopenmp makes at::parallel_for an OpenMP loop; libgomp resolves to the copy torch already loaded.
+        cxx, link = ["-O3", "-fno-trapping-math", "-fopenmp"], ["-fopenmp"]
+    cuda = bool(torch.version.cuda) and cpp_extension.CUDA_HOME is not None
+    if torch.version.cuda and not cuda:
+        _note("torch has CUDA but no CUDA toolkit was found (set CUDA_HOME); building qgrad._C for CPU only")
+    if cuda:
+        ext = cpp_extension.CUDAExtension(
+            "qgrad._C",
+            sources + _sources("csrc/cuda/*.cu"),
+            define_macros=[("QGRAD_WITH_CUDA", None)],
+            # No --use_fast_math: its approximate division and flush-to-zero would change the results.
+            extra_compile_args={"cxx": cxx, "nvcc": ["-O3"]},
+            extra_link_args=link,
+        )
+    else:
+        ext = cpp_extension.CppExtension(
+            "qgrad._C", sources, extra_compile_args={"cxx": cxx}, extra_link_args=link
+        )
+
+    class BuildExt(cpp_extension.BuildExtension):
+        """Turns a failed opportunistic build into the pure-Python package plus one message."""
+
+        def run(self):
+            try:
+                super().run()
+            except Exception as exc:  # compiler missing, compile or link error, ninja failure
+                if REQUIRE_EXT:
+                    raise
+                self.extensions = []
+                self.distribution.ext_modules = []
+                _note(
+                    f"building the compiled extension qgrad._C failed ({type(exc).__name__}: {exc}); "
+                    "installing the pure-Python package instead. Fix the compiler error above, or set "
+                    "QGRAD_BUILD_EXT=0 to skip the build on purpose"
+                )
+
+    return [ext], {"build_ext": BuildExt}
+
+
+class _Distribution(Distribution):
+    """Keeps the ``qgrad.kernels`` mapping when pyproject.toml also configures package discovery.
+
+    setuptools applies ``[tool.setuptools.packages.find]`` after reading the arguments of ``setup()`` and
+    replaces ``packages`` with what it finds under ``qgrad/``, which cannot include a top-level folder
+    installed under another name; the mapped packages are added back here.
+    """
+
+    def parse_config_files(self, *args, **kwargs):
+        super().parse_config_files(*args, **kwargs)
+        packages, package_dir = _packages()
+        self.packages = sorted(set(self.packages or ()) | set(packages))
+        self.package_dir = {**(self.package_dir or {}), **package_dir}
+
+
+packages, package_dir = _packages()
+ext_modules, cmdclass = _extension()
+setup(
+    packages=packages,
+    package_dir=package_dir,
+    ext_modules=ext_modules,
+    cmdclass=cmdclass,
+    distclass=_Distribution,
+)
