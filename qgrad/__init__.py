@@ -6,13 +6,15 @@ fake-quantization op and module (straight-through and LSQ gradients) used by PTQ
 """
 from qgrad import data, models
 from qgrad.nn import FakeQuant, QuantConv1d, QuantConv2d, QuantConv3d, QuantLinear, quant_range
-from qgrad.ops import fake_quant
+from qgrad.ops import backends, fake_quant, use_backend
 from qgrad.penalties import L1GradPenalty, L2GradPenalty, OrthogonalityPenalty
 from qgrad.quantization import fold_bn, format_table, prepare_qat, quantize_model, sweep
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "backends",
+    "use_backend",
     "FakeQuant",
     "L1GradPenalty",
     "L2GradPenalty",

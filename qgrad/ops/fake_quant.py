@@ -11,9 +11,17 @@ from typing import Optional, Tuple, Union
 
 import torch
 
-from qgrad.reference import fake_quant_backward_ref, fake_quant_ref
+from qgrad.ops.dispatch import select_backend
+from qgrad.reference import (
+    compute_dtype,
+    default_grad_scale,
+    fake_quant_backward_ref,
+    fake_quant_ref,
+    reduce_like,
+    view_param,
+)
 
-__all__ = ["fake_quant", "FakeQuantFn", "check_fake_quant_args"]
+__all__ = ["fake_quant", "FakeQuantFn", "FakeQuantBackwardFn", "check_fake_quant_args"]
 
 # Integers up to 2**24 are exact in float32, so q = round(x/s) + zp is exact for every grid inside it.
 _QUANT_LIMIT = 2**24
@@ -119,31 +127,105 @@ def check_fake_quant_args(
 class FakeQuantFn(torch.autograd.Function):
     """Autograd node of :func:`fake_quant` (arguments already validated).
 
-    The backward is written with differentiable ops on the saved inputs, so it can itself be differentiated
-    (``create_graph=True``): the second derivatives are those of the STE/LSQ formulas in :mod:`qgrad.reference`.
+    The forward runs the selected backend (:mod:`qgrad.ops.dispatch`) and saves only ``x`` and the (tiny)
+    ``scale`` / ``zero_point``: the range mask is recomputed in the backward. The backward is
+    :class:`FakeQuantBackwardFn`, itself differentiable, so gradients of gradients (``create_graph=True``) work.
     """
 
     @staticmethod
     def forward(ctx, x, scale, zero_point, quant_min, quant_max, axis, grad_scale):
+        backend = select_backend(x)
         ctx.save_for_backward(x, scale, zero_point)
-        ctx.quant = (quant_min, quant_max, axis, grad_scale)
-        return fake_quant_ref(x, scale, zero_point, quant_min, quant_max, axis)
+        if grad_scale is None:
+            groups = scale.numel() if axis is not None else 1
+            grad_scale = default_grad_scale(x.numel(), groups, quant_max)
+        ctx.quant = (quant_min, quant_max, axis, grad_scale, backend)
+        if backend.name == "torch":
+            return fake_quant_ref(x, scale, zero_point, quant_min, quant_max, axis)
+        return backend.fwd(x, _as_f32(scale), _as_f32(zero_point), quant_min, quant_max, axis)
 
     @staticmethod
     def backward(ctx, dy):
         x, scale, zero_point = ctx.saved_tensors
-        quant_min, quant_max, axis, grad_scale = ctx.quant
-        dx, dscale, dzp = fake_quant_backward_ref(dy, x, scale, zero_point, quant_min, quant_max, axis, grad_scale)
         need_x, need_s, need_z = ctx.needs_input_grad[:3]
+        dx, dscale, dzp = FakeQuantBackwardFn.apply(dy, x, scale, zero_point, need_s, need_z, *ctx.quant)
+        return (dx if need_x else None), dscale, dzp, None, None, None, None
+
+
+class FakeQuantBackwardFn(torch.autograd.Function):
+    """``(dy, x, scale, zero_point) -> (dx, dscale, dzero_point)``: the STE/LSQ gradients, differentiable again.
+
+    Forward: one fused pass of the backend. Backward: the exact derivatives of the gradient formulas of
+    :mod:`qgrad.reference` (``m`` = inside the range, ``o = 1 - m``, ``G`` = grad_scale, ``xs = x / s``)::
+
+        d dx / d dy         = m
+        d dscale / d dy     = G * e_s            e_s = round(xs) - xs inside, quant_min/max - zp outside
+        d dscale / d x      = -G * dy * m / s
+        d dscale / d s      = G * sum(dy * m * xs / s)
+        d dzp / d dy        = -G * s * o
+        d dzp / d s         = -G * sum(dy * o)
+
+    and zero for every other pair (``round`` and the range test are piecewise constant, and the zero point is
+    rounded before use).
+    """
+
+    @staticmethod
+    def forward(ctx, dy, x, scale, zero_point, need_s, need_z, quant_min, quant_max, axis, grad_scale, backend):
+        ctx.save_for_backward(dy, x, scale, zero_point)
+        ctx.quant = (quant_min, quant_max, axis, grad_scale)
+        if backend.name == "torch":
+            dx, ds, dz = fake_quant_backward_ref(dy, x, scale, zero_point, quant_min, quant_max, axis, grad_scale)
+            ds, dz = (ds if need_s else None), (dz if need_z else None)
+        else:
+            dx, ds, dz = backend.bwd(
+                dy, x, _as_f32(scale), _as_f32(zero_point), quant_min, quant_max, axis, grad_scale, need_s, need_z
+            )
+            ds = ds.to(scale.dtype) if ds is not None else None
+            dz = dz.to(zero_point.dtype) if dz is not None else None
+        return dx, ds, dz
+
+    @staticmethod
+    def backward(ctx, gdx, gds, gdz):
+        dy, x, scale, zero_point = ctx.saved_tensors
+        quant_min, quant_max, axis, G = ctx.quant
+        cdt = compute_dtype(x.dtype)
+        s = view_param(scale.to(cdt), x, axis)
+        zp = view_param(torch.round(zero_point.to(cdt)), x, axis)
+        g = dy.to(cdt)
+        xs = x.to(cdt) / s
+        v = xs + zp
+        inside = (v >= quant_min) & (v <= quant_max)
+        outside = (~inside).to(cdt)
+        m = inside.to(cdt)
+
+        grad_dy = torch.zeros_like(g)
+        grad_x = torch.zeros_like(g) if ctx.needs_input_grad[1] else None
+        grad_s = torch.zeros_like(g) if ctx.needs_input_grad[2] else None  # element terms, reduced below
+        if gdx is not None:
+            grad_dy = grad_dy + gdx.to(cdt) * m
+        if gds is not None:
+            gs = view_param(gds.to(cdt), x, axis) * G
+            e_s = torch.where(inside, torch.round(xs) - xs, torch.where(v < quant_min, quant_min - zp, quant_max - zp))
+            grad_dy = grad_dy + gs * e_s
+            if grad_x is not None:
+                grad_x = grad_x - gs * g * m / s
+            if grad_s is not None:
+                grad_s = grad_s + gs * g * m * xs / s
+        if gdz is not None:
+            gz = view_param(gdz.to(cdt), x, axis) * G
+            grad_dy = grad_dy - gz * s * outside
+            if grad_s is not None:
+                grad_s = grad_s - gz * g * outside
         return (
-            dx if need_x else None,
-            dscale if need_s else None,
-            dzp if need_z else None,
-            None,
-            None,
-            None,
-            None,
+            grad_dy.to(dy.dtype) if ctx.needs_input_grad[0] else None,
+            grad_x.to(x.dtype) if grad_x is not None else None,
+            reduce_like(grad_s, scale, axis).to(scale.dtype) if grad_s is not None else None,
+            None, None, None, None, None, None, None, None,
         )
+
+
+def _as_f32(p: torch.Tensor) -> torch.Tensor:
+    return p.detach().to(torch.float32).contiguous()
 
 
 def fake_quant(

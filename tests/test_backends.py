@@ -1,0 +1,165 @@
+"""qgrad.fake_quant on every backend that can run here, and the rules that pick the backend."""
+import os
+import warnings
+
+import pytest
+import torch
+
+import qgrad
+from qgrad.ops import dispatch as B
+from qgrad.reference import fake_quant_backward_ref, fake_quant_ref
+
+INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1" and not torch.cuda.is_available()
+
+
+def _runnable():
+    names = []
+    for name, info in qgrad.backends().items():
+        if info["available"] or (name == "triton" and INTERPRETED and B._load("triton")[0] is not None):
+            names.append(pytest.param(name))
+        else:
+            names.append(pytest.param(name, marks=pytest.mark.skip(reason=f"{name}: {info['reason']}")))
+    return names
+
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _skip_unsupported(backend, dtype):
+    if backend == "triton" and INTERPRETED and dtype == torch.bfloat16:
+        pytest.skip("Triton's CPU interpreter rounds float32 -> bfloat16 by truncation; runs on a GPU")
+
+
+CASES = [
+    # (shape, axis, quant_min, quant_max, zero_point)
+    ((1000,), None, -127, 127, 0.0),
+    ((37, 29), None, 0, 15, 3.0),
+    ((5, 123, 7), 1, -7, 7, 0.0),
+    ((6, 3, 5, 5), 0, -1, 1, 0.0),
+    ((4, 5, 6, 7), 3, 0, 255, 17.0),
+    ((4, 5, 6, 7), 2, -32767, 32767, 0.0),
+    ((0, 3), None, -7, 7, 0.0),
+]
+
+
+def _inputs(shape, axis, dtype, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = (torch.randn(shape, generator=g) * 3).to(dtype)
+    c = shape[axis] if axis is not None else 1
+    # powers of two: many elements sit exactly on ties and on the clip edges
+    scale = (2.0 ** torch.randint(-5, -1, (c,), generator=g).float()).reshape(() if axis is None else (c,))
+    return x.to(DEVICE), scale.to(DEVICE)
+
+
+@pytest.mark.parametrize("backend", _runnable())
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("shape, axis, qmin, qmax, zp", CASES)
+def test_backend_matches_reference(backend, dtype, shape, axis, qmin, qmax, zp):
+    _skip_unsupported(backend, dtype)
+    x, scale = _inputs(shape, axis, dtype)
+    zero_point = torch.full(scale.shape, zp, device=DEVICE)
+    x.requires_grad_()
+    scale.requires_grad_()
+    zero_point.requires_grad_()
+    with B.use_backend(backend):
+        y = qgrad.fake_quant(x, scale, zero_point, qmin, qmax, axis=axis)
+        dy = torch.randn_like(y)
+        dx, ds, dz = torch.autograd.grad(y, (x, scale, zero_point), dy)
+    assert torch.equal(y, fake_quant_ref(x.detach(), scale.detach(), zero_point.detach(), qmin, qmax, axis))
+    rdx, rds, rdz = fake_quant_backward_ref(dy, x.detach(), scale.detach(), zero_point.detach(), qmin, qmax, axis)
+    assert torch.equal(dx, rdx)
+    # float32 sums in a different order: relative to the sum of |terms|
+    bound = 1e-5 * (fake_quant_backward_ref(dy.abs(), x.detach(), scale.detach(), zero_point.detach(), qmin, qmax, axis)[1].abs() + 1)
+    assert torch.all((ds - rds).abs() <= bound), (ds, rds)
+    torch.testing.assert_close(dz, rdz, rtol=1e-5, atol=1e-5 * (1 + x.numel()))
+
+
+@pytest.mark.parametrize("backend", _runnable())
+def test_non_contiguous_and_channels_last(backend):
+    base = torch.randn(8, 6, 10, 12, device=DEVICE)
+    views = [base.transpose(1, 3), base[:, ::2, 1::3], base.to(memory_format=torch.channels_last)]
+    with B.use_backend(backend):
+        for v in views:
+            scale = torch.rand(v.shape[1], device=DEVICE) * 0.1 + 0.02
+            y = qgrad.fake_quant(v, scale, 0.0, -7, 7, axis=1)
+            assert torch.equal(y, fake_quant_ref(v, scale, torch.tensor(0.0, device=DEVICE), -7, 7, 1))
+
+
+@pytest.mark.parametrize("backend", _runnable())
+@pytest.mark.parametrize("axis", [None, 1])
+def test_double_backward_matches_autograd_of_reference(backend, axis):
+    """Gradients of (dx, dscale, dzp) w.r.t. (dy, x, scale): closed-form backward vs autograd of the reference."""
+    g = torch.Generator().manual_seed(3)
+    x = (torch.randn(6, 5, 4, generator=g) * 2).to(DEVICE).requires_grad_()
+    scale = (torch.rand(5 if axis else (), generator=g) * 0.3 + 0.2).to(DEVICE).requires_grad_()
+    zp = torch.full(scale.shape, 1.0, device=DEVICE).requires_grad_()
+    dy = torch.randn(6, 5, 4, generator=g).to(DEVICE).requires_grad_()
+    w = [torch.randn(t.shape, generator=g).to(DEVICE) for t in (x, scale, zp)]
+
+    def second(fn):
+        grads = fn()
+        total = sum((gr * wi).sum() for gr, wi in zip(grads, w))
+        return torch.autograd.grad(total, (dy, x, scale), allow_unused=True, materialize_grads=True)
+
+    with B.use_backend(backend):
+        ours = second(lambda: torch.autograd.grad(qgrad.fake_quant(x, scale, zp, -4, 3, axis=axis), (x, scale, zp), dy, create_graph=True))
+    ref = second(lambda: fake_quant_backward_ref(dy, x, scale, zp, -4, 3, axis))
+    for a, b in zip(ours, ref):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+# ----------------------------------------------------------------------------------------------- dispatch
+def test_backends_lists_every_backend_with_a_reason():
+    info = qgrad.backends()
+    assert set(info) == {"torch", "cpp", "cuda", "triton"}
+    assert info["torch"]["available"]
+    for name, entry in info.items():
+        assert entry["available"] or entry["reason"], name
+
+
+def test_unknown_backend_name_is_rejected(monkeypatch):
+    with pytest.raises(ValueError, match="unknown qgrad backend 'fast'"):
+        with B.use_backend("fast"):
+            pass
+    monkeypatch.setenv("QGRAD_BACKEND", "fast")
+    with pytest.raises(ValueError, match="unknown qgrad backend"):
+        qgrad.fake_quant(torch.randn(3), 0.1, 0.0, -7, 7)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_explicit_backend_that_cannot_run_raises_with_reason(monkeypatch):
+    monkeypatch.setenv("QGRAD_BACKEND", "cuda")
+    with pytest.raises(RuntimeError, match="qgrad backend 'cuda' was requested but cannot run here"):
+        qgrad.fake_quant(torch.randn(3), 0.1, 0.0, -7, 7)
+
+
+def test_context_manager_beats_environment(monkeypatch):
+    monkeypatch.setenv("QGRAD_BACKEND", "cuda")
+    with B.use_backend("torch"):
+        assert B.select_backend(torch.randn(2)).name == "torch"
+
+
+def test_float64_always_runs_the_reference(monkeypatch):
+    monkeypatch.setenv("QGRAD_BACKEND", "cpp")
+    assert B.select_backend(torch.randn(2, dtype=torch.float64)).name == "torch"
+
+
+def test_auto_falls_back_with_one_warning_when_no_kernels(monkeypatch):
+    monkeypatch.setattr(B, "_LOADED", {"cpp": (None, "qgrad._C is not installed (simulated)")})
+    monkeypatch.setattr(B, "_AUTO", {})
+    monkeypatch.setattr(B, "_WARNED", set())
+    monkeypatch.delenv("QGRAD_BACKEND", raising=False)
+    x = torch.randn(10)
+    with pytest.warns(RuntimeWarning, match="falling back to the PyTorch reference"):
+        y = qgrad.fake_quant(x, 0.1, 0.0, -7, 7)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        qgrad.fake_quant(x, 0.1, 0.0, -7, 7)  # warned once, not again
+    assert torch.equal(y, fake_quant_ref(x, torch.tensor(0.1), torch.tensor(0.0), -7, 7))
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="CPU rule")
+def test_auto_on_cpu_never_picks_the_interpreter(monkeypatch):
+    monkeypatch.setattr(B, "_AUTO", {})
+    monkeypatch.delenv("QGRAD_BACKEND", raising=False)
+    assert B.select_backend(torch.randn(4)).name in ("cpp", "torch")
