@@ -1,0 +1,324 @@
+"""``batch_norm``: batch normalization whose backward is itself an autograd node with a fused double backward.
+
+Why: the gradient-norm penalties differentiate the backward pass (``create_graph=True``). PyTorch's BatchNorm
+backward is a single fused kernel, but its derivative (``NativeBatchNormBackwardBackward0``) is a composite of
+many small elementwise ops and reductions, which dominates a penalized training step. Here the backward is
+:class:`BatchNormBackwardFn`, whose own backward evaluates the closed-form second derivatives of
+:mod:`qgrad.reference` (section "BatchNorm") with a few per-channel reductions and two elementwise passes.
+
+The chain, top to bottom:
+
+* forward and first backward: PyTorch's native kernels (``torch.native_batch_norm`` and
+  ``aten.native_batch_norm_backward``) -- already fused, and using them keeps outputs, gradients and the
+  running-statistics update bit-identical to ``torch.nn.functional.batch_norm``;
+* :class:`BatchNormFn` (autograd node of the forward) whose backward calls :class:`BatchNormBackwardFn`;
+* :class:`BatchNormBackwardFn`, whose backward is the fused double backward, computed by
+  :func:`_double_backward_torch` (a handful of large PyTorch ops on the compute dtype);
+* :func:`batch_norm`, the public function (same signature and semantics as
+  ``torch.nn.functional.batch_norm``);
+* :func:`qgrad.reference.batch_norm_double_backward_ref`, the formulas written out with plain ops.
+
+Higher derivatives: when the double backward itself runs under ``create_graph=True``, it evaluates the same
+closed forms through :func:`qgrad.reference.batch_norm_double_backward_ref` (plain differentiable ops, batch
+statistics recomputed from ``x``), so third and higher derivatives are exact too, only not fused.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional, Tuple
+
+import torch
+
+from qgrad.reference import batch_norm_double_backward_ref, compute_dtype
+
+__all__ = ["batch_norm", "BatchNormFn", "BatchNormBackwardFn"]
+
+_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+# --------------------------------------------------------------------------------------------- double backward
+def _channel_dims(x: torch.Tensor) -> Tuple[int, ...]:
+    return (0,) + tuple(range(2, x.dim()))
+
+
+def _double_backward_torch(
+    ggx: Optional[torch.Tensor],
+    ggw: Optional[torch.Tensor],
+    ggb: Optional[torch.Tensor],
+    dy: torch.Tensor,
+    x: torch.Tensor,
+    weight: Optional[torch.Tensor],
+    mean: torch.Tensor,
+    invstd: torch.Tensor,
+    training: bool,
+    need: Tuple[bool, bool, bool],
+    sum_dy: Optional[torch.Tensor] = None,
+    sum_dy_xhat: Optional[torch.Tensor] = None,
+) -> Tuple[Optional[torch.Tensor], Optional[torch.Tensor], Optional[torch.Tensor]]:
+    """Gradients ``(d_dy, d_x, d_w)`` of ``sum(ggx*dx) + ggw.dw + ggb.db`` (formulas: :mod:`qgrad.reference`).
+
+    ``ggx`` (shape of x), ``ggw``, ``ggb`` ((C,)) may be None for zero; ``mean`` and ``invstd`` are the (C,)
+    statistics the forward used (batch statistics in training mode, running ones in eval mode). ``need``
+    selects which of the three results are computed (the others come back as None). ``sum_dy`` and
+    ``sum_dy_xhat`` ((C,), the compute dtype) are ``db`` and ``dw`` of the first backward when it kept them;
+    they are recomputed otherwise.
+
+    Every coefficient that depends only on the channel is folded first, so the full-size work is: ``x - mean``
+    once, three channel sums (``ggx``, ``ggx*xc``, ``ggx*dy``) plus, in training mode, ``dy`` and ``dy*xc``
+    unless given, and one multiply-add chain per output. ``xhat * r`` is never formed: the coefficients of
+    ``xhat`` are multiplied by ``r`` instead, and ``x - mean`` is taken before any scaling so that a large
+    mean does not cancel against the products.
+    """
+    need_dy, need_x, need_w = need
+    cdt = compute_dtype(x.dtype)
+    dims = _channel_dims(x)
+    shape = (1, -1) + (1,) * (x.dim() - 2)
+    m = x.numel() // x.shape[1]
+
+    def per_channel(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+        return None if t is None else t.to(cdt).reshape(shape)
+
+    r = per_channel(invstd)
+    w = per_channel(weight)
+    g = r if w is None else w * r
+    gw, gb = per_channel(ggw), per_channel(ggb)
+    gx = None if ggx is None else ggx.to(cdt)
+    dyc = dy.to(cdt)
+    xc = x.to(cdt) - per_channel(mean)  # x - mu; xhat = xc * r
+
+    def csum(t: torch.Tensor) -> torch.Tensor:
+        return t.sum(dim=dims, keepdim=True)
+
+    d_dy = d_x = d_w = None
+    if not training:
+        # statistics are constants: dx = g*dy, dw = sum(dy*xhat), db = sum(dy)
+        if need_dy:
+            d_dy = torch.zeros_like(dyc) if gx is None else gx * g
+            if gw is not None:
+                d_dy.addcmul_(xc, gw * r)
+            if gb is not None:
+                d_dy.add_(gb)
+        if need_x:
+            d_x = torch.zeros_like(xc) if gw is None else dyc * (gw * r)
+        if need_w:
+            d_w = torch.zeros_like(r) if gx is None else r * csum(gx * dyc)
+    else:
+        zero = torch.zeros_like(r)
+        mean_dy = (csum(dyc) if sum_dy is None else per_channel(sum_dy)) / m
+        if sum_dy_xhat is None:
+            a = csum(dyc * xc) * (r / m)  # mean(dy * xhat)
+        else:
+            a = per_channel(sum_dy_xhat) / m
+        if gx is not None:
+            mean_g = csum(gx) / m
+            mean_gx = csum(gx * xc) * (r / m)  # mean(ggx * xhat)
+        else:
+            mean_g = mean_gx = zero
+        gw = zero if gw is None else gw
+        gb = zero if gb is None else gb
+        if need_x or need_w:
+            q = csum(gx * dyc) if gx is not None else zero
+            big_q = q - m * (mean_dy * mean_g + a * mean_gx)  # sum(ggx * P(dy))
+        if need_dy:
+            # g*(ggx - mean_g - xhat*mean_gx) + ggw*xhat + ggb
+            coef_x = (gw - g * mean_gx) * r
+            d_dy = (xc * coef_x).add_(gb - g * mean_g)
+            if gx is not None:
+                d_dy.addcmul_(gx, g)
+        if need_x:
+            # u = -g*a*ggx + bcoef*dy;  d_x = r*(u - mean(u) - xhat*mean(u*xhat)) - g*r*Q*xhat/m
+            bcoef = gw - g * mean_gx
+            mean_u = bcoef * mean_dy - g * a * mean_g
+            mean_ux = bcoef * a - g * a * mean_gx
+            coef_xc = -(r * r) * (mean_ux + g * big_q / m)
+            d_x = (xc * coef_xc).sub_(r * mean_u)
+            d_x.addcmul_(dyc, r * bcoef)
+            if gx is not None:
+                d_x.addcmul_(gx, -r * g * a)
+        if need_w:
+            d_w = r * big_q
+    return (
+        None if d_dy is None else d_dy.to(dy.dtype),
+        None if d_x is None else d_x.to(x.dtype),
+        None if d_w is None else d_w.reshape(-1).to(weight.dtype if weight is not None else cdt),
+    )
+
+
+# --------------------------------------------------------------------------------------------- autograd nodes
+class BatchNormBackwardFn(torch.autograd.Function):
+    """The backward of BatchNorm as an autograd node: ``(dy, x, weight) -> (dx, dweight, dbias)``.
+
+    ``stat_a``, ``stat_b`` are ``(save_mean, save_invstd)`` in training mode and ``(running_mean,
+    running_var)`` (copies taken at forward time) in eval mode; they are constants of this node, the
+    dependence of the batch statistics on ``x`` being part of the derivative formulas. ``dweight`` and
+    ``dbias`` are sums of ``dy * xhat`` and ``dy`` per channel (returned even when ``weight`` is None).
+    Its backward is the fused double backward (:func:`_double_backward_torch`); under ``create_graph=True``
+    it is the differentiable reference formula instead (see the module docstring).
+    """
+
+    @staticmethod
+    def forward(ctx, dy, x, weight, stat_a, stat_b, training, eps):
+        ctx.sums = (None, None)
+        if training:
+            mean, invstd = stat_a, stat_b
+            dx, dw, db = torch.ops.aten.native_batch_norm_backward(
+                dy, x, weight, None, None, mean, invstd, True, eps, [True, True, True]
+            )
+            # the training-mode double backward needs sum(dy) and sum(dy * xhat), which are db and dw; they
+            # are kept when the native kernel returned them in the compute dtype (low-precision parameters
+            # get low-precision sums, which are then recomputed in float32)
+            if dw.dtype == compute_dtype(x.dtype):
+                ctx.sums = (db.detach(), dw.detach())
+        else:
+            dx, dw, db = torch.ops.aten.native_batch_norm_backward(
+                dy, x, weight, stat_a, stat_b, None, None, False, eps, [True, True, True]
+            )
+        ctx.save_for_backward(dy, x, weight, stat_a, stat_b)
+        ctx.training, ctx.eps = training, eps
+        ctx.set_materialize_grads(False)
+        return dx, dw, db
+
+    @staticmethod
+    def backward(ctx, ggx, ggw, ggb):
+        dy, x, weight, stat_a, stat_b = ctx.saved_tensors
+        training, eps = ctx.training, ctx.eps
+        need = tuple(ctx.needs_input_grad[:3])
+        if weight is None:
+            ggw = ggb = None  # dweight / dbias of a BatchNorm without affine parameters are not used
+        if torch.is_grad_enabled():
+            # create_graph=True: the result must itself be differentiable (w.r.t. x through the batch
+            # statistics too), which the reference formulas are
+            if ggx is None:
+                ggx = torch.zeros_like(x)
+            running = (None, None) if training else (stat_a, stat_b)
+            d_dy, d_x, d_w = batch_norm_double_backward_ref(ggx, ggw, ggb, dy, x, weight, *running, training, eps)
+            d_dy, d_x, d_w = (t if n else None for t, n in zip((d_dy, d_x, d_w), need))
+        else:
+            cdt = compute_dtype(x.dtype)
+            if not training:
+                mean, invstd = stat_a, torch.rsqrt(stat_b.to(cdt) + eps)
+            elif stat_a.dtype != cdt:
+                # float16 / bfloat16 parameters make the native kernel save float16 / bfloat16 statistics;
+                # the second derivatives use the batch statistics recomputed in float32 instead
+                var, mean = torch.var_mean(x.to(cdt), dim=_channel_dims(x), correction=0)
+                invstd = torch.rsqrt(var + eps)
+            else:
+                mean, invstd = stat_a, stat_b
+            d_dy, d_x, d_w = _double_backward_torch(
+                ggx, ggw, ggb, dy, x, weight, mean, invstd, training, need, *ctx.sums
+            )
+        return d_dy, d_x, d_w, None, None, None, None
+
+
+class BatchNormFn(torch.autograd.Function):
+    """Autograd node of :func:`batch_norm` (arguments already validated).
+
+    The forward is ``torch.native_batch_norm`` (which also updates the running statistics, once, in training
+    mode); the backward calls :class:`BatchNormBackwardFn`, so a backward with ``create_graph=True`` records a
+    node whose derivative is the fused double backward.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, running_mean, running_var, training, momentum, eps):
+        y, save_mean, save_invstd = torch.native_batch_norm(
+            x, weight, bias, running_mean, running_var, training, momentum, eps
+        )
+        if training:
+            stats = (save_mean, save_invstd)
+        else:
+            # copies: the backward must see the statistics of this forward even if the buffers change later
+            stats = (running_mean.clone(), running_var.clone())
+        ctx.save_for_backward(x, weight, *stats)
+        ctx.training, ctx.eps = training, eps
+        ctx.has_bias = bias is not None
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, weight, stat_a, stat_b = ctx.saved_tensors
+        dx, dw, db = BatchNormBackwardFn.apply(dy, x, weight, stat_a, stat_b, ctx.training, ctx.eps)
+        need_x, need_w, need_b = ctx.needs_input_grad[:3]
+        return (
+            dx if need_x else None,
+            dw if need_w else None,
+            db if need_b else None,
+            None,
+            None,
+            None,
+            None,
+            None,
+        )
+
+
+# --------------------------------------------------------------------------------------------- public function
+def _check_channel_tensor(t: Optional[torch.Tensor], name: str, x: torch.Tensor) -> None:
+    if t is None:
+        return
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a tensor or None, got {type(t).__name__}")
+    if t.dim() != 1 or t.shape[0] != x.shape[1]:
+        raise ValueError(
+            f"{name} must be 1-d of length {x.shape[1]} (the channels of input {tuple(x.shape)}), "
+            f"got shape {tuple(t.shape)}"
+        )
+    if not t.is_floating_point():
+        raise TypeError(f"{name} must be a floating-point tensor, got {t.dtype}")
+    if t.device != x.device:
+        raise ValueError(f"{name} is on {t.device} but input is on {x.device}; put both on one device")
+
+
+def batch_norm(
+    input: torch.Tensor,
+    running_mean: Optional[torch.Tensor],
+    running_var: Optional[torch.Tensor],
+    weight: Optional[torch.Tensor] = None,
+    bias: Optional[torch.Tensor] = None,
+    training: bool = False,
+    momentum: float = 0.1,
+    eps: float = 1e-5,
+) -> torch.Tensor:
+    """Batch normalization; a drop-in for ``torch.nn.functional.batch_norm`` with a fused double backward.
+
+    ``y = weight * (x - mu) / sqrt(var + eps) + bias`` per channel (dim 1). In training mode ``mu`` and
+    ``var`` are the batch mean and biased variance over every dimension but 1, and the running statistics (when
+    given) are updated in place, once, as ``running = (1 - momentum) * running + momentum * batch`` with the
+    unbiased batch variance; in eval mode the running statistics are used and left unchanged. Float16 and
+    bfloat16 inputs are normalized in float32 (as PyTorch does); the output has the dtype of ``input``.
+
+    Args:
+        input: (N, C) or (N, C, L) or (N, C, H, W) (any number of trailing dims), any strides.
+        running_mean, running_var: (C,) buffers or None; required in eval mode.
+        weight, bias: (C,) affine parameters or None.
+        training: use batch statistics (and update the running ones).
+        momentum: running-average factor (the modules pass ``1 / num_batches_tracked`` for ``momentum=None``).
+        eps: added to the variance.
+
+    Differentiable to any order: the first backward is PyTorch's fused kernel, wrapped as an autograd node
+    whose derivative is the fused closed form of :mod:`qgrad.reference` (section "BatchNorm"); third and
+    higher derivatives go through the plain-op reference formulas.
+
+    Returns:
+        Tensor of the shape and dtype of ``input``.
+    """
+    if not isinstance(input, torch.Tensor):
+        raise TypeError(f"input must be a torch.Tensor, got {type(input).__name__}")
+    if input.dtype not in _FLOAT_DTYPES:
+        raise TypeError(f"input must be float16, bfloat16, float32 or float64, got {input.dtype}")
+    if input.dim() < 2:
+        raise ValueError(f"input must have shape (N, C, ...) with at least 2 dims, got shape {tuple(input.shape)}")
+    for name, t in (("running_mean", running_mean), ("running_var", running_var), ("weight", weight), ("bias", bias)):
+        _check_channel_tensor(t, name, input)
+    if (running_mean is None) != (running_var is None):
+        raise ValueError("running_mean and running_var must both be tensors or both be None")
+    eps, momentum = float(eps), float(momentum)
+    if not (math.isfinite(eps) and eps >= 0):
+        raise ValueError(f"eps must be a finite number >= 0, got {eps}")
+    training = bool(training)
+    if not training and running_mean is None:
+        raise ValueError("running_mean and running_var are required in eval mode (training=False)")
+    if training:
+        size = list(input.shape)
+        if size[0] * math.prod(size[2:]) == 1:
+            # the message of torch.nn.functional.batch_norm, so code handling one handles both
+            raise ValueError(f"Expected more than 1 value per channel when training, got input size {input.size()}")
+    return BatchNormFn.apply(input, weight, bias, running_mean, running_var, training, momentum, eps)

@@ -1,0 +1,403 @@
+"""Tests for qgrad.ops.batch_norm, qgrad.nn.batch_norm and the BatchNorm section of qgrad.reference.
+
+Three independent routes to every derivative: PyTorch's own ``torch.nn.functional.batch_norm`` through autograd
+(first and second derivatives), autograd through the plain-op :func:`batch_norm_backward_ref`, and finite
+differences (``gradcheck`` / ``gradgradcheck``). The closed forms of :func:`batch_norm_double_backward_ref` are
+checked against the autograd route as well.
+"""
+
+import copy
+import io
+import pickle
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from qgrad.nn.batch_norm import BatchNorm1d, BatchNorm2d, BatchNorm3d, convert_batchnorm, revert_batchnorm
+from qgrad.ops.batch_norm import batch_norm
+from qgrad.penalties import L1GradPenalty
+from qgrad.reference import batch_norm_backward_ref, batch_norm_double_backward_ref, batch_norm_ref
+
+F64 = torch.float64
+SHAPES = [(3, 5, 7, 2), (4, 6), (2, 3, 9), (1, 4, 3, 3)]
+
+
+def _assert_close(actual, expected, rtol, atol, what):
+    if actual is None or expected is None:
+        assert actual is None and expected is None, f"{what}: one of the two is None"
+        return
+    assert actual.shape == expected.shape, f"{what}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
+    diff = (actual.double() - expected.double()).abs()
+    bound = atol + rtol * expected.double().abs()
+    bad = diff > bound
+    if bad.any():
+        idx = diff.flatten().argsort(descending=True)[:5]
+        worst = [
+            (int(i), actual.flatten()[i].item(), expected.flatten()[i].item()) for i in idx
+        ]
+        pytest.fail(f"{what}: {int(bad.sum())} of {diff.numel()} entries differ; worst (index, got, expected): {worst}")
+
+
+def _inputs(shape, affine, dtype=F64, seed=0, offset=2.0):
+    gen = torch.Generator().manual_seed(seed)
+    c = shape[1]
+    x = torch.randn(shape, generator=gen, dtype=dtype) * 3 + offset
+    w = torch.randn(c, generator=gen, dtype=dtype) if affine else None
+    b = torch.randn(c, generator=gen, dtype=dtype) if affine else None
+    rm = torch.randn(c, generator=gen, dtype=dtype)
+    rv = torch.rand(c, generator=gen, dtype=dtype) + 0.5
+    return x, w, b, rm, rv
+
+
+def _first_and_second(fn, x, w, b, rm, rv, training, momentum, seed=1):
+    """Output, running stats, first grads (create_graph) and second grads of a random contraction."""
+    gen = torch.Generator().manual_seed(seed)
+    x = x.detach().requires_grad_()
+    params = [None if p is None else p.detach().requires_grad_() for p in (w, b)]
+    rm = None if rm is None else rm.clone()
+    rv = None if rv is None else rv.clone()
+    y = fn(x, rm, rv, params[0], params[1], training, momentum, 1e-5)
+    dy = torch.randn(y.shape, generator=gen, dtype=y.dtype).requires_grad_()
+    inputs = [x] + [p for p in params if p is not None]
+    firsts = torch.autograd.grad(y, inputs, dy, create_graph=True)
+    # the contraction touches every first gradient: sum(ggx * dx) + ggw . dw + ggb . db
+    s = sum((g * torch.randn(g.shape, generator=gen, dtype=g.dtype)).sum() for g in firsts)
+    seconds = torch.autograd.grad(s, inputs + [dy], allow_unused=True)
+    seconds = [torch.zeros_like(t) if g is None else g for g, t in zip(seconds, inputs + [dy])]
+    return y, rm, rv, list(firsts), seconds
+
+
+# ------------------------------------------------------------------------------------------ functional
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("training,stats", [(True, "tracked"), (True, "untracked"), (False, "tracked")])
+@pytest.mark.parametrize("affine", [True, False])
+def test_functional_matches_torch_float64(shape, training, affine, stats):
+    x, w, b, rm, rv = _inputs(shape, affine)
+    if stats == "untracked":
+        rm = rv = None
+    ours = _first_and_second(batch_norm, x, w, b, rm, rv, training, 0.3)
+    ref = _first_and_second(F.batch_norm, x, w, b, rm, rv, training, 0.3)
+    _assert_close(ours[0], ref[0], 0, 0, "output")
+    _assert_close(ours[1], ref[1], 0, 0, "running_mean")
+    _assert_close(ours[2], ref[2], 0, 0, "running_var")
+    for i, (a, e) in enumerate(zip(ours[3], ref[3])):
+        _assert_close(a, e, 0, 0, f"first derivative {i}")
+    for i, (a, e) in enumerate(zip(ours[4], ref[4])):
+        _assert_close(a, e, 1e-10, 1e-10, f"second derivative {i}")
+
+
+def test_functional_non_contiguous_and_channels_last():
+    base, w, b, rm, rv = _inputs((6, 5, 8, 4), affine=True)
+    for x in (base[::2, :, 1:, :].transpose(2, 3), base.to(memory_format=torch.channels_last)):
+        assert not x.is_contiguous()
+        for training in (True, False):
+            ours = _first_and_second(batch_norm, x, w, b, rm, rv, training, 0.1)
+            ref = _first_and_second(F.batch_norm, x, w, b, rm, rv, training, 0.1)
+            _assert_close(ours[0], ref[0], 1e-12, 1e-12, "output")
+            for a, e in zip(ours[3] + ours[4], ref[3] + ref[4]):
+                _assert_close(a, e, 1e-10, 1e-10, "gradient")
+
+
+@pytest.mark.parametrize("training", [True, False])
+@pytest.mark.parametrize("affine", [True, False])
+def test_gradcheck_and_gradgradcheck(training, affine):
+    x, w, b, rm, rv = _inputs((3, 4, 3, 2), affine, offset=0.5)
+    inputs = [x.requires_grad_()] + ([w.requires_grad_(), b.requires_grad_()] if affine else [])
+
+    def fn(x, *p):
+        # momentum 0 leaves the running statistics unchanged across gradcheck's many evaluations
+        return batch_norm(x, rm, rv, p[0] if p else None, p[1] if p else None, training, 0.0, 1e-5)
+
+    assert torch.autograd.gradcheck(fn, inputs)
+    assert torch.autograd.gradgradcheck(fn, inputs)
+
+
+@pytest.mark.parametrize("shape", [(3, 5, 7, 2), (4, 6)])
+@pytest.mark.parametrize("training", [True, False])
+@pytest.mark.parametrize("affine", [True, False])
+@pytest.mark.parametrize("outer", ["all", "dx_only"])
+def test_double_backward_matches_autograd_of_reference(shape, training, affine, outer):
+    """The fused double backward and the closed forms of the reference, against autograd through the
+    plain-op backward. ``dx_only`` is what the penalties produce: dweight / dbias are not used (ggw = ggb = 0)."""
+    x, w, b, rm, rv = _inputs(shape, affine)
+    gen = torch.Generator().manual_seed(3)
+    c = shape[1]
+    dy = torch.randn(shape, generator=gen, dtype=F64)
+    ggx = torch.randn(shape, generator=gen, dtype=F64)
+    ggw = torch.randn(c, generator=gen, dtype=F64) if outer == "all" and affine else None
+    ggb = torch.randn(c, generator=gen, dtype=F64) if outer == "all" and affine else None
+
+    def contraction(dx, dw, db):
+        s = (ggx * dx).sum()
+        if ggw is not None:
+            s = s + (ggw * dw).sum() + (ggb * db).sum()
+        return s
+
+    leaves = [t.clone().requires_grad_() for t in (dy, x)] + ([w.clone().requires_grad_()] if affine else [])
+    weight = leaves[2] if affine else None
+    s = contraction(*batch_norm_backward_ref(leaves[0], leaves[1], weight, rm, rv, training))
+    expected = torch.autograd.grad(s, leaves, allow_unused=True)
+    expected = [torch.zeros_like(t) if g is None else g for g, t in zip(expected, leaves)]
+
+    # the closed forms of the reference
+    closed = batch_norm_double_backward_ref(ggx, ggw, ggb, dy, x, w, rm, rv, training)
+    for name, a, e in zip(("d_dy", "d_x", "d_w"), closed, expected):
+        _assert_close(a, e, 1e-10, 1e-10, f"reference closed form {name}")
+
+    # the fused autograd node: differentiate batch_norm's backward (db flows through it too)
+    xl = x.clone().requires_grad_()
+    params = [w.clone().requires_grad_(), b.clone().requires_grad_()] if affine else []
+    dyl = dy.clone().requires_grad_()
+    y = batch_norm(xl, rm.clone(), rv.clone(), *(params or [None, None]), training=training)
+    firsts = torch.autograd.grad(y, [xl] + params, dyl, create_graph=True)
+    s2 = contraction(firsts[0], *(firsts[1:] if affine else (None, None)))
+    got = torch.autograd.grad(s2, [dyl, xl] + params[:1], allow_unused=True)
+    got = [torch.zeros_like(t) if g is None else g for g, t in zip(got, [dyl, xl] + params[:1])]
+    for name, a, e in zip(("d_dy", "d_x", "d_w"), got, expected):
+        _assert_close(a, e, 1e-10, 1e-10, f"fused double backward {name}")
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("training", [True, False])
+@pytest.mark.parametrize("param_dtype", ["float32", "same"])
+def test_low_precision_error_at_most_twice_torch(dtype, training, param_dtype):
+    """Against a float64 computation, qgrad's error is at most twice PyTorch's in the same low precision."""
+    x64, w64, b64, rm, rv = _inputs((8, 6, 5, 5), affine=True, offset=1.0)
+    pdt = torch.float32 if param_dtype == "float32" else dtype
+    # PyTorch's CPU kernel takes parameters and running statistics of one dtype: float32, or that of x
+    low = [x64.to(dtype), w64.to(pdt), b64.to(pdt), rm.to(pdt), rv.to(pdt)]
+    exact = _first_and_second(F.batch_norm, *[t.double() for t in low], training, 0.1)
+    ours = _first_and_second(batch_norm, *low, training, 0.1)
+    theirs = _first_and_second(F.batch_norm, *low, training, 0.1)
+    assert ours[0].dtype == dtype and all(a.dtype == e.dtype for a, e in zip(ours[3] + ours[4], theirs[3] + theirs[4]))
+    for i, (a, t, e) in enumerate(zip([ours[0], *ours[3], *ours[4]], [theirs[0], *theirs[3], *theirs[4]],
+                                      [exact[0], *exact[3], *exact[4]])):
+        scale = e.abs().max().item() + 1e-12
+        err_ours = (a.double() - e).abs().max().item() / scale
+        err_torch = (t.double() - e).abs().max().item() / scale
+        # the floor is half an ulp of the output dtype: both can be exactly rounded
+        floor = torch.finfo(a.dtype).eps
+        assert err_ours <= 2 * err_torch + floor, f"output/gradient {i}: error {err_ours:.3g} vs torch {err_torch:.3g}"
+
+
+def test_running_stats_untouched_by_backward_and_double_backward():
+    x, w, b, rm, rv = _inputs((4, 3, 5, 5), affine=True)
+    rm0, rv0 = rm.clone(), rv.clone()
+    x.requires_grad_(), w.requires_grad_()
+    y = batch_norm(x, rm, rv, w, b, True, 0.1)
+    # the forward updated them exactly once, like torch's
+    F.batch_norm(x.detach(), rm0, rv0, w.detach(), b, True, 0.1)
+    assert torch.equal(rm, rm0) and torch.equal(rv, rv0)
+    gx, gw = torch.autograd.grad(y.square().sum(), (x, w), create_graph=True)
+    (gx.abs().sum() + gw.abs().sum()).backward()
+    assert torch.equal(rm, rm0) and torch.equal(rv, rv0)
+
+
+def test_eval_backward_uses_statistics_of_its_forward():
+    x, w, b, rm, rv = _inputs((4, 3, 5), affine=True)
+    x.requires_grad_()
+    y = batch_norm(x, rm, rv, w, b, False)
+    expected = torch.autograd.grad(F.batch_norm(x, rm.clone(), rv.clone(), w, b, False).sum(), x)[0]
+    rm.add_(1.0), rv.mul_(3.0)  # a later update of the buffers must not change this forward's gradient
+    _assert_close(torch.autograd.grad(y.sum(), x)[0], expected, 0, 0, "dx")
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_third_derivative_by_finite_differences(training):
+    """Under create_graph=True the double backward switches to the differentiable reference formulas, so the
+    second derivative is itself differentiable. Checked by finite differences: PyTorch's own third derivative
+    of batch_norm fails this check in training mode (torch 2.x), so it cannot serve as the reference."""
+    x, w, b, rm, rv = _inputs((3, 2, 4), affine=True)
+
+    def second(xl, wl):
+        y = batch_norm(xl, rm, rv, wl, b, training, 0.0)
+        # (the sum of y**2 would be nearly constant: sum(xhat**2) = M * var / (var + eps))
+        gx, gw = torch.autograd.grad(y.pow(3).sum(), (xl, wl), create_graph=True)
+        return torch.autograd.grad(gx.square().sum() + gw.square().sum(), (xl, wl), create_graph=True)
+
+    assert torch.autograd.gradcheck(second, (x.requires_grad_(), w.requires_grad_()))
+
+
+def test_batch_size_one():
+    x, w, b, rm, rv = _inputs((1, 3, 2, 2), affine=True)
+    _assert_close(batch_norm(x, rm.clone(), rv.clone(), w, b, True),
+                  F.batch_norm(x, rm.clone(), rv.clone(), w, b, True), 0, 0, "output")
+    x1 = torch.randn(1, 4)
+    with pytest.raises(ValueError) as ours:
+        batch_norm(x1, None, None, training=True)
+    with pytest.raises(ValueError) as theirs:
+        F.batch_norm(x1, None, None, training=True)
+    assert str(ours.value) == str(theirs.value)
+    # eval mode normalizes a single sample with the running statistics
+    _assert_close(batch_norm(x1, torch.zeros(4), torch.ones(4)), F.batch_norm(x1, torch.zeros(4), torch.ones(4)),
+                  0, 0, "eval output")
+
+
+def test_errors_change_nothing():
+    x, w, b, rm, rv = _inputs((2, 3, 4), affine=True)
+    before = (rm.clone(), rv.clone())
+    cases = [
+        ((x, rm, rv, torch.ones(4)), ValueError, "weight must be 1-d of length 3"),
+        ((x, rm[:2], rv), ValueError, "running_mean must be 1-d of length 3"),
+        ((x, rm, None, w, b, True), ValueError, "both be tensors or both be None"),
+        ((x, None, None, w, b, False), ValueError, "required in eval mode"),
+        ((x.long(), rm, rv), TypeError, "float16, bfloat16, float32 or float64"),
+        ((x[0, 0], rm, rv), ValueError, "at least 2 dims"),
+        ((x, rm, rv, w, b, True, 0.1, -1.0), ValueError, "eps must be"),
+    ]
+    for args, exc, match in cases:
+        with pytest.raises(exc, match=match):
+            batch_norm(*args)
+    assert torch.equal(rm, before[0]) and torch.equal(rv, before[1])
+
+
+# ------------------------------------------------------------------------------------------ modules
+MODULES = [(nn.BatchNorm1d, BatchNorm1d, (6, 5)), (nn.BatchNorm1d, BatchNorm1d, (4, 5, 7)),
+           (nn.BatchNorm2d, BatchNorm2d, (4, 5, 3, 3)), (nn.BatchNorm3d, BatchNorm3d, (2, 5, 3, 2, 2))]
+
+
+@pytest.mark.parametrize("torch_cls,qgrad_cls,shape", MODULES)
+@pytest.mark.parametrize("kwargs", [{}, {"momentum": None}, {"affine": False}, {"track_running_stats": False}])
+def test_module_matches_torch_over_steps(torch_cls, qgrad_cls, shape, kwargs):
+    torch.manual_seed(0)
+    ref = torch_cls(shape[1], **kwargs).double()
+    ours = qgrad_cls(shape[1], **kwargs).double()
+    assert isinstance(ours, torch_cls) and repr(ours) == repr(ref)
+    if ref.affine:
+        with torch.no_grad():
+            for m in (ref, ours):
+                m.weight.copy_(torch.linspace(0.5, 2.0, shape[1]))
+                m.bias.copy_(torch.linspace(-1.0, 1.0, shape[1]))
+    for step in range(4):
+        for m in (ref, ours):
+            m.train(step < 3)
+        x = torch.randn(shape, dtype=F64) * (step + 1) + step
+        outs = []
+        for m in (ref, ours):
+            xi = x.clone().requires_grad_()
+            y = m(xi)
+            g = torch.autograd.grad(y.square().sum(), xi, create_graph=True)[0]
+            outs.append((y, torch.autograd.grad(g.abs().sum(), xi)[0]))
+        _assert_close(outs[1][0], outs[0][0], 0, 0, f"output at step {step}")
+        _assert_close(outs[1][1], outs[0][1], 1e-10, 1e-10, f"second derivative at step {step}")
+        sd_ref, sd_ours = ref.state_dict(), ours.state_dict()
+        assert list(sd_ref) == list(sd_ours)
+        for k in sd_ref:
+            assert torch.equal(sd_ref[k], sd_ours[k]), f"{k} differs at step {step}"
+
+
+def test_module_state_dict_round_trips_both_ways():
+    torch.manual_seed(0)
+    ref = nn.BatchNorm2d(5)
+    ref(torch.randn(4, 5, 3, 3))
+    ours = BatchNorm2d(5)
+    ours.load_state_dict(ref.state_dict())
+    back = nn.BatchNorm2d(5)
+    back.load_state_dict(ours.state_dict())
+    for k, v in ref.state_dict().items():
+        assert torch.equal(ours.state_dict()[k], v) and torch.equal(back.state_dict()[k], v)
+    buf = io.BytesIO()
+    torch.save(ours.state_dict(), buf)
+    buf.seek(0)
+    assert list(torch.load(buf)) == list(ref.state_dict())
+
+
+class Net(nn.Module):
+    """Conv -> BN -> ReLU -> residual (Conv -> BN) -> ReLU -> avg-pool -> Linear -> BN1d -> ReLU -> Linear."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 6, 3, padding=1)
+        self.bn1 = nn.BatchNorm2d(6)
+        self.conv2 = nn.Conv2d(6, 6, 3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(6, affine=False)
+        self.fc1 = nn.Linear(6 * 4 * 4, 10)
+        self.bn3 = nn.BatchNorm1d(10)
+        self.fc2 = nn.Linear(10, 4)
+
+    def forward(self, x):
+        h = F.relu(self.bn1(self.conv1(x)))
+        h = F.relu(h + self.bn2(self.conv2(h)))
+        h = F.avg_pool2d(h, 2).flatten(1)
+        return self.fc2(F.relu(self.bn3(self.fc1(h))))
+
+
+def test_convert_in_place_keeps_identity_state_and_optimizer():
+    torch.manual_seed(0)
+    model = Net()
+    params = {n: p for n, p in model.named_parameters()}
+    buffers = {n: b for n, b in model.named_buffers()}
+    sd_before = {k: v.clone() for k, v in model.state_dict().items()}
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    bn1 = model.bn1
+    assert convert_batchnorm(model) is model
+    assert model.bn1 is bn1 and type(bn1) is BatchNorm2d and type(model.bn3) is BatchNorm1d
+    assert all(p is params[n] for n, p in model.named_parameters())
+    assert all(b is buffers[n] for n, b in model.named_buffers())
+    assert {k: v for k, v in model.state_dict().items()}.keys() == sd_before.keys()
+    assert convert_batchnorm(model) is model and type(model.bn2) is BatchNorm2d  # idempotent
+
+    # one penalized step: the optimizer moves the module's own parameters; the statistics move once
+    twin = revert_batchnorm(copy.deepcopy(model))
+    assert type(twin.bn1) is nn.BatchNorm2d and type(model.bn1) is BatchNorm2d
+    x, y = torch.randn(8, 3, 8, 8), torch.randint(0, 4, (8,))
+    penalty = L1GradPenalty(model, weight=0.05, activation=0.05)
+    penalty.backward(F.cross_entropy(model(x), y))
+    w_before = model.conv1.weight.detach().clone()
+    opt.step()
+    assert not torch.equal(model.conv1.weight, w_before)
+    assert int(model.bn1.num_batches_tracked) == 1
+    twin(x)  # the torch twin's forward: running statistics after one forward
+    for k in ("bn1.running_mean", "bn1.running_var", "bn2.running_mean", "bn3.running_var"):
+        assert torch.equal(model.state_dict()[k], twin.state_dict()[k]), k
+
+    clone = copy.deepcopy(model)
+    assert type(clone.bn1) is BatchNorm2d and clone.bn1.weight is not model.bn1.weight
+    restored = pickle.loads(pickle.dumps(model))
+    assert type(restored.bn3) is BatchNorm1d
+    assert revert_batchnorm(model) is model and type(model.bn1) is nn.BatchNorm2d and model.bn1 is bn1
+
+
+def test_convert_leaves_subclasses_and_rejects_non_modules():
+    class MyBN(nn.BatchNorm2d):
+        pass
+
+    seq = nn.Sequential(MyBN(3), nn.BatchNorm2d(3), nn.SyncBatchNorm(3))
+    convert_batchnorm(seq)
+    assert [type(m) for m in seq] == [MyBN, BatchNorm2d, nn.SyncBatchNorm]
+    bn = nn.BatchNorm1d(2)
+    assert convert_batchnorm(bn) is bn and type(bn) is BatchNorm1d
+    with pytest.raises(TypeError, match="must be an nn.Module"):
+        convert_batchnorm([bn])
+
+
+@pytest.mark.parametrize("mode", ["train", "eval"])
+def test_l1_penalty_gradient_unchanged_by_conversion(mode):
+    """L1GradPenalty on weights and activations: the gradient of loss + penalty with qgrad's BatchNorm equals
+    the one with torch's (float32, relative error <= 1e-5), and so do the statistics."""
+    torch.manual_seed(0)
+    ref = Net()
+    if mode == "eval":  # give the running statistics non-trivial values first
+        with torch.no_grad():
+            for _ in range(3):
+                ref(torch.randn(16, 3, 8, 8) * 2 + 1)
+        ref.eval()
+    ours = convert_batchnorm(copy.deepcopy(ref))
+    x, y = torch.randn(16, 3, 8, 8), torch.randint(0, 4, (16,))
+    results = []
+    for model in (ref, ours):
+        # the penalty records activations only in training mode; in eval mode it regularizes the weights
+        penalty = L1GradPenalty(model, weight=0.05, activation=0.05 if mode == "train" else 0.0)
+        stats = penalty.backward(F.cross_entropy(model(x), y))
+        grads = torch.cat([p.grad.flatten() for p in model.parameters()])
+        results.append((stats, grads, {k: v.clone() for k, v in model.state_dict().items()}))
+    (s_ref, g_ref, sd_ref), (s_ours, g_ours, sd_ours) = results
+    assert s_ref["penalty"] > 0
+    for k in s_ref:
+        assert abs(s_ours[k] - s_ref[k]) <= 1e-5 * abs(s_ref[k]), k
+    rel = ((g_ours - g_ref).norm() / g_ref.norm()).item()
+    assert rel <= 1e-5, f"relative error of the parameter gradient {rel:.3g}"
+    for k in sd_ref:
+        assert torch.equal(sd_ours[k], sd_ref[k]), k
