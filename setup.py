@@ -21,6 +21,8 @@ Environment variables:
 
 import glob
 import os
+import re
+import subprocess
 import sys
 
 from setuptools import find_packages, setup
@@ -55,6 +57,20 @@ def _packages():
 
 def _sources(pattern):
     return sorted(os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, pattern)))
+
+
+def _toolkit_version(cuda_home):
+    """``"major.minor"`` of the nvcc under ``cuda_home``, or None without a working nvcc."""
+    if not cuda_home:
+        return None
+    try:
+        out = subprocess.run(
+            [os.path.join(cuda_home, "bin", "nvcc"), "--version"], capture_output=True, text=True, check=True
+        ).stdout
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    match = re.search(r"release (\d+\.\d+)", out)
+    return match.group(1) if match else None
 
 
 def _extension():
@@ -92,9 +108,20 @@ def _extension():
     else:
         # -fopenmp makes at::parallel_for an OpenMP loop; libgomp resolves to the copy torch already loaded.
         cxx, link = ["-O3", "-fno-trapping-math", "-fopenmp"], ["-fopenmp"]
-    cuda = bool(torch.version.cuda) and cpp_extension.CUDA_HOME is not None
-    if torch.version.cuda and not cuda:
-        _note("torch has CUDA but no CUDA toolkit was found (set CUDA_HOME); building qgrad._C for CPU only")
+    cuda = False
+    if torch.version.cuda:
+        major = torch.version.cuda.split(".")[0]
+        toolkit = _toolkit_version(cpp_extension.CUDA_HOME)
+        # torch refuses to compile with a toolkit of another major version than its own
+        cuda = toolkit is not None and toolkit.split(".")[0] == major
+        if not cuda:
+            found = (
+                "no CUDA toolkit (nvcc) was found" if toolkit is None else f"the CUDA toolkit is {toolkit}"
+            )
+            _note(
+                f"torch was built with CUDA {torch.version.cuda} but {found}; building qgrad._C with the CPU "
+                f"kernels only (set CUDA_HOME to a CUDA {major}.x toolkit to build the CUDA kernels)"
+            )
     if cuda:
         ext = cpp_extension.CUDAExtension(
             "qgrad._C",

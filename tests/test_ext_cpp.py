@@ -94,7 +94,7 @@ def check_all(x, s, zp, qmin, qmax, axis=None, dy=None, grad_scale=None):
     assert_bitwise_equal(y, fake_quant_ref(x, s, zp, qmin, qmax, axis), "y")
 
     if dy is None:
-        dy = torch.randn(x.shape, generator=torch.Generator().manual_seed(1)).to(x.dtype)
+        dy = torch.randn(x.shape, generator=torch.Generator().manual_seed(1)).to(x.device, x.dtype)
     if grad_scale is None:
         groups = s.numel() if axis is not None else 1
         grad_scale = default_grad_scale(x.numel(), groups, qmax)
@@ -393,3 +393,79 @@ def test_binding_rejects_bad_arguments():
     _expect(ValueError, "dy must be on a cpu or cuda device, got meta", bwd, dy.to("meta"), x, s, zp, -7, 7)
     _expect(ValueError, "grad_scale must be finite", bwd, dy, x, s, zp, -7, 7, None, float("nan"))
     assert torch.equal(x, before)
+
+
+# --------------------------------------------------------------------------------------------------------
+# CUDA kernels (csrc/cuda), when this build has them and a GPU is present
+
+CUDA_OK = torch.cuda.is_available() and getattr(_C, "with_cuda", False)
+needs_cuda = pytest.mark.skipif(not CUDA_OK, reason="needs a CUDA device and qgrad._C built with CUDA")
+
+
+def _cuda_case(shape, axis, dtype, zp_per_channel, seed, offset=0):
+    gen = torch.Generator().manual_seed(seed)
+    numel = int(torch.tensor(shape).prod()) if len(shape) else 1
+    flat = (torch.randn(numel + offset, generator=gen) * 3).to(dtype)
+    x = flat[offset:].reshape(shape)  # offset 1 misaligns x for the 16-byte loads of the forward kernel
+    if axis is None:
+        s, zp = torch.tensor(0.021), torch.tensor(-3.0)
+    else:
+        s = torch.rand(shape[axis], generator=gen) * 0.05 + 0.01
+        zp = (
+            torch.randint(-9, 10, (shape[axis],), generator=gen).float()
+            if zp_per_channel
+            else torch.tensor(2.0)
+        )
+    return x.cuda(), s.cuda(), zp.cuda()
+
+
+@needs_cuda
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize(
+    "shape, axis, zp_per_channel, offset",
+    [
+        ((300_001,), None, False, 0),  # per-tensor, many warp items, a tail after the packs
+        ((300_001,), None, False, 1),  # misaligned x: scalar forward path
+        ((2, 3, 5000), 1, True, 0),  # rows layout, several chunks per row
+        ((4, 6, 5, 40), 2, False, 0),  # rows layout, zero point shared by the channels
+        ((4, 6, 5, 18), 3, True, 0),  # columns layout (inner = 1)
+        ((5000, 7), 1, False, 0),  # columns layout, several row tiles, shared zero point
+        ((200, 5, 3), 1, True, 0),  # columns layout, inner = 3
+        ((5, 123, 7), None, False, 0),
+        ((0, 3), 1, True, 0),
+        ((), None, False, 0),
+    ],
+)
+def test_cuda_matches_reference(dtype, shape, axis, zp_per_channel, offset):
+    x, s, zp = _cuda_case(shape, axis, dtype, zp_per_channel, seed=len(shape) + offset, offset=offset)
+    check_all(x, s, zp, -127, 127, axis)
+    check_all(x, s, zp + 100, 0, 255, axis)
+    dy = torch.randn(x.shape, device="cuda").to(dtype)
+    first = bwd(dy, x, s, zp, -127, 127, axis, 0.01)
+    second = bwd(dy, x, s, zp, -127, 127, axis, 0.01)
+    for a, b in zip(first, second):
+        assert torch.equal(a, b), "the CUDA backward must be deterministic"
+
+
+@needs_cuda
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_cuda_ties_and_edges(dtype):
+    s = torch.tensor(0.25)
+    k = torch.arange(-130, 130, dtype=torch.float32)
+    x = (k + 0.5) * s
+    x = torch.cat(
+        [x, x.nextafter(x + 1), x.nextafter(x - 1), torch.tensor([-127.0, 127.0, -127.5, 127.5]) * s]
+    )
+    check_all(x.to(dtype).cuda(), s.cuda(), torch.tensor(0.0, device="cuda"), -127, 127)
+
+
+@needs_cuda
+@pytest.mark.gpu
+def test_cuda_binding_rejects_mixed_devices():
+    x = torch.randn(4, 6, device="cuda")
+    s = torch.tensor(0.1, device="cuda")
+    zp = torch.tensor(0.0, device="cuda")
+    _expect(ValueError, "scale is on cpu but x is on cuda", fwd, x, s.cpu(), zp, -7, 7)
+    _expect(ValueError, "dy is on cpu but x is on cuda", bwd, x.cpu(), x, s, zp, -7, 7)
