@@ -16,6 +16,7 @@
 #include <cmath>
 #include <string>
 
+#include "batch_norm.h"
 #include "fake_quant.h"
 
 namespace qgrad {
@@ -135,6 +136,59 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fake_quant_bwd(const at::Tensor& 
 }  // namespace
 }  // namespace qgrad
 
+// ---------------------------------------------------------------------------------------------- BatchNorm
+//   batch_norm_double_backward(ggx, ggw, ggb, dy, x, weight, mean, invstd, sum_dy, sum_dy_xhat, training,
+//                              need_dy, need_x, need_w) -> (d_dy, d_x, d_w)      (None where not requested)
+//
+// CPU only. x, dy and ggx (None for zero) share one shape (N, C, *) and dtype (float32, float64, float16,
+// bfloat16); they are made contiguous here. weight, ggw, ggb, sum_dy, sum_dy_xhat are (C,) or None; mean and
+// invstd are (C,). d_dy / d_x come back contiguous in x's dtype, d_w as float64 (C,).
+namespace qgrad {
+namespace {
+
+at::Tensor channel_vector(const c10::optional<at::Tensor>& t, const char* name, int64_t channels, bool required) {
+  if (!t.has_value() || !t->defined()) {
+    TORCH_CHECK_VALUE(!required, name, " must be a tensor, got None");
+    return at::Tensor();
+  }
+  TORCH_CHECK_VALUE(t->device().is_cpu(), name, " must be a CPU tensor, got ", t->device());
+  TORCH_CHECK_VALUE(t->dim() == 1 && t->size(0) == channels, name, " must be 1-d of length ", channels,
+                    ", got shape ", t->sizes());
+  TORCH_CHECK_VALUE(t->is_floating_point(), name, " must be floating point, got ", t->scalar_type());
+  return t->to(at::kDouble).contiguous();
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_double_backward(
+    const c10::optional<at::Tensor>& ggx, const c10::optional<at::Tensor>& ggw,
+    const c10::optional<at::Tensor>& ggb, const at::Tensor& dy, const at::Tensor& x,
+    const c10::optional<at::Tensor>& weight, const at::Tensor& mean, const at::Tensor& invstd,
+    const c10::optional<at::Tensor>& sum_dy, const c10::optional<at::Tensor>& sum_dy_xhat, bool training,
+    bool need_dy, bool need_x, bool need_w) {
+  TORCH_CHECK_VALUE(x.device().is_cpu(), "x must be a CPU tensor, got ", x.device());
+  const auto dt = x.scalar_type();
+  TORCH_CHECK_VALUE(dt == at::kFloat || dt == at::kDouble || dt == at::kHalf || dt == at::kBFloat16,
+                    "x must be float32, float64, float16 or bfloat16, got ", dt);
+  TORCH_CHECK_VALUE(x.dim() >= 2, "x must have shape (N, C, ...), got ", x.sizes());
+  auto check_like_x = [&](const at::Tensor& t, const char* name) {
+    TORCH_CHECK_VALUE(t.sizes() == x.sizes(), name, " must have the shape of x ", x.sizes(), ", got ", t.sizes());
+    TORCH_CHECK_VALUE(t.scalar_type() == dt, name, " must have the dtype of x (", dt, "), got ", t.scalar_type());
+    TORCH_CHECK_VALUE(t.device().is_cpu(), name, " must be a CPU tensor, got ", t.device());
+  };
+  check_like_x(dy, "dy");
+  const bool has_ggx = ggx.has_value() && ggx->defined();
+  if (has_ggx) check_like_x(*ggx, "ggx");
+  const int64_t channels = x.size(1);
+  return batch_norm_double_backward_cpu(
+      has_ggx ? ggx->contiguous() : at::Tensor(), channel_vector(ggw, "ggw", channels, false),
+      channel_vector(ggb, "ggb", channels, false), dy.contiguous(), x.contiguous(),
+      channel_vector(weight, "weight", channels, false), channel_vector(mean, "mean", channels, true),
+      channel_vector(invstd, "invstd", channels, true), channel_vector(sum_dy, "sum_dy", channels, false),
+      channel_vector(sum_dy_xhat, "sum_dy_xhat", channels, false), training, need_dy, need_x, need_w);
+}
+
+}  // namespace
+}  // namespace qgrad
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "qgrad compiled kernels: fused fake-quantization forward and backward (CPU"
 #ifdef QGRAD_WITH_CUDA
@@ -157,4 +211,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::call_guard<py::gil_scoped_release>(),
         "(dx, dscale, dzero_point) of fake_quant_fwd under the STE / LSQ rules of qgrad.reference, computed in "
         "one pass over x and dy; dscale / dzero_point are None unless requested. Sums are deterministic.");
+  m.def("batch_norm_double_backward", &qgrad::batch_norm_double_backward, py::arg("ggx"), py::arg("ggw"),
+        py::arg("ggb"), py::arg("dy"), py::arg("x"), py::arg("weight"), py::arg("mean"), py::arg("invstd"),
+        py::arg("sum_dy"), py::arg("sum_dy_xhat"), py::arg("training"), py::arg("need_dy"), py::arg("need_x"),
+        py::arg("need_w"), py::call_guard<py::gil_scoped_release>(),
+        "(d_dy, d_x, d_w): BatchNorm's second derivatives (qgrad.reference.batch_norm_double_backward_ref) in "
+        "two passes per channel on the CPU; None where not requested. Deterministic for any thread count.");
 }

@@ -3,7 +3,8 @@
 Three independent routes to every derivative: PyTorch's own ``torch.nn.functional.batch_norm`` through autograd
 (first and second derivatives), autograd through the plain-op :func:`batch_norm_backward_ref`, and finite
 differences (``gradcheck`` / ``gradgradcheck``). The closed forms of :func:`batch_norm_double_backward_ref` are
-checked against the autograd route as well.
+checked against the autograd route as well. The double backward has two implementations, the C++ kernel of
+``qgrad._C`` and the PyTorch-op fallback; the ``double_backward`` fixture runs the tests on each.
 """
 
 import copy
@@ -16,12 +17,25 @@ import torch.nn.functional as F
 from torch import nn
 
 from qgrad.nn.batch_norm import BatchNorm1d, BatchNorm2d, BatchNorm3d, convert_batchnorm, revert_batchnorm
+import qgrad.ops.batch_norm as bn_ops
 from qgrad.ops.batch_norm import batch_norm
 from qgrad.penalties import L1GradPenalty
 from qgrad.reference import batch_norm_backward_ref, batch_norm_double_backward_ref, batch_norm_ref
 
 F64 = torch.float64
-SHAPES = [(3, 5, 7, 2), (4, 6), (2, 3, 9), (1, 4, 3, 3)]
+# (2, 3, 5, 4) and (64, 2, 160) take the kernel's per-channel segment loops (the latter folds its float sums
+# mid-channel), the others its column blocks ((130, 3): more rows than one fold, (3, 4500): two blocks)
+SHAPES = [(3, 5, 7, 2), (4, 6), (2, 3, 9), (1, 4, 3, 3), (2, 3, 5, 4), (130, 3), (3, 4500), (64, 2, 160)]
+
+
+@pytest.fixture(params=["cpp", "torch"])
+def double_backward(request, monkeypatch):
+    """Selects the implementation of the fused double backward for the test."""
+    if request.param == "torch":
+        monkeypatch.setattr(bn_ops, "_cpp_kernel", None)
+    elif bn_ops._cpp_double_backward() is None:
+        pytest.skip("qgrad._C is not built with batch_norm_double_backward (pip install --no-build-isolation .)")
+    return request.param
 
 
 def _assert_close(actual, expected, rtol, atol, what):
@@ -73,7 +87,7 @@ def _first_and_second(fn, x, w, b, rm, rv, training, momentum, seed=1):
 @pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("training,stats", [(True, "tracked"), (True, "untracked"), (False, "tracked")])
 @pytest.mark.parametrize("affine", [True, False])
-def test_functional_matches_torch_float64(shape, training, affine, stats):
+def test_functional_matches_torch_float64(shape, training, affine, stats, double_backward):
     x, w, b, rm, rv = _inputs(shape, affine)
     if stats == "untracked":
         rm = rv = None
@@ -88,7 +102,7 @@ def test_functional_matches_torch_float64(shape, training, affine, stats):
         _assert_close(a, e, 1e-10, 1e-10, f"second derivative {i}")
 
 
-def test_functional_non_contiguous_and_channels_last():
+def test_functional_non_contiguous_and_channels_last(double_backward):
     base, w, b, rm, rv = _inputs((6, 5, 8, 4), affine=True)
     for x in (base[::2, :, 1:, :].transpose(2, 3), base.to(memory_format=torch.channels_last)):
         assert not x.is_contiguous()
@@ -102,8 +116,8 @@ def test_functional_non_contiguous_and_channels_last():
 
 @pytest.mark.parametrize("training", [True, False])
 @pytest.mark.parametrize("affine", [True, False])
-def test_gradcheck_and_gradgradcheck(training, affine):
-    x, w, b, rm, rv = _inputs((3, 4, 3, 2), affine, offset=0.5)
+def test_gradcheck_and_gradgradcheck(training, affine, double_backward):
+    x, w, b, rm, rv = _inputs((2, 3, 2, 3), affine, offset=0.5)
     inputs = [x.requires_grad_()] + ([w.requires_grad_(), b.requires_grad_()] if affine else [])
 
     def fn(x, *p):
@@ -118,7 +132,7 @@ def test_gradcheck_and_gradgradcheck(training, affine):
 @pytest.mark.parametrize("training", [True, False])
 @pytest.mark.parametrize("affine", [True, False])
 @pytest.mark.parametrize("outer", ["all", "dx_only"])
-def test_double_backward_matches_autograd_of_reference(shape, training, affine, outer):
+def test_double_backward_matches_autograd_of_reference(shape, training, affine, outer, double_backward):
     """The fused double backward and the closed forms of the reference, against autograd through the
     plain-op backward. ``dx_only`` is what the penalties produce: dweight / dbias are not used (ggw = ggb = 0)."""
     x, w, b, rm, rv = _inputs(shape, affine)
@@ -162,7 +176,7 @@ def test_double_backward_matches_autograd_of_reference(shape, training, affine, 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("training", [True, False])
 @pytest.mark.parametrize("param_dtype", ["float32", "same"])
-def test_low_precision_error_at_most_twice_torch(dtype, training, param_dtype):
+def test_low_precision_error_at_most_twice_torch(dtype, training, param_dtype, double_backward):
     """Against a float64 computation, qgrad's error is at most twice PyTorch's in the same low precision."""
     x64, w64, b64, rm, rv = _inputs((8, 6, 5, 5), affine=True, offset=1.0)
     pdt = torch.float32 if param_dtype == "float32" else dtype
@@ -374,7 +388,7 @@ def test_convert_leaves_subclasses_and_rejects_non_modules():
 
 
 @pytest.mark.parametrize("mode", ["train", "eval"])
-def test_l1_penalty_gradient_unchanged_by_conversion(mode):
+def test_l1_penalty_gradient_unchanged_by_conversion(mode, double_backward):
     """L1GradPenalty on weights and activations: the gradient of loss + penalty with qgrad's BatchNorm equals
     the one with torch's (float32, relative error <= 1e-5), and so do the statistics."""
     torch.manual_seed(0)

@@ -13,7 +13,9 @@ The chain, top to bottom:
   running-statistics update bit-identical to ``torch.nn.functional.batch_norm``;
 * :class:`BatchNormFn` (autograd node of the forward) whose backward calls :class:`BatchNormBackwardFn`;
 * :class:`BatchNormBackwardFn`, whose backward is the fused double backward, computed by
-  :func:`_double_backward_torch` (a handful of large PyTorch ops on the compute dtype);
+  ``qgrad._C.batch_norm_double_backward`` (``csrc/cpu/batch_norm.cpp``: two passes per channel) for CPU
+  tensors when the compiled extension provides it, and otherwise by :func:`_double_backward_torch` (a dozen
+  large PyTorch ops on the compute dtype; every device, and the fallback when the extension is not built);
 * :func:`batch_norm`, the public function (same signature and semantics as
   ``torch.nn.functional.batch_norm``);
 * :func:`qgrad.reference.batch_norm_double_backward_ref`, the formulas written out with plain ops.
@@ -37,6 +39,23 @@ _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
 # --------------------------------------------------------------------------------------------- double backward
+_CPP_UNLOADED = object()
+_cpp_kernel = _CPP_UNLOADED
+
+
+def _cpp_double_backward():
+    """``qgrad._C.batch_norm_double_backward``, or None when the compiled extension is missing or older."""
+    global _cpp_kernel
+    if _cpp_kernel is _CPP_UNLOADED:
+        try:
+            from qgrad import _C
+        except ImportError:  # the pure-Python install: the torch-op path computes the same formulas
+            _cpp_kernel = None
+        else:
+            _cpp_kernel = getattr(_C, "batch_norm_double_backward", None)
+    return _cpp_kernel
+
+
 def _channel_dims(x: torch.Tensor) -> Tuple[int, ...]:
     return (0,) + tuple(range(2, x.dim()))
 
@@ -204,9 +223,22 @@ class BatchNormBackwardFn(torch.autograd.Function):
                 invstd = torch.rsqrt(var + eps)
             else:
                 mean, invstd = stat_a, stat_b
-            d_dy, d_x, d_w = _double_backward_torch(
-                ggx, ggw, ggb, dy, x, weight, mean, invstd, training, need, *ctx.sums
-            )
+            kernel = _cpp_double_backward()
+            if (
+                kernel is not None
+                and x.device.type == "cpu"
+                and dy.dtype == x.dtype
+                and (ggx is None or ggx.dtype == x.dtype)
+            ):
+                d_dy, d_x, d_w = kernel(
+                    ggx, ggw, ggb, dy, x, weight, mean, invstd, *ctx.sums, training, *need
+                )
+                if d_w is not None:
+                    d_w = d_w.to(weight.dtype if weight is not None else cdt)
+            else:
+                d_dy, d_x, d_w = _double_backward_torch(
+                    ggx, ggw, ggb, dy, x, weight, mean, invstd, training, need, *ctx.sums
+                )
         return d_dy, d_x, d_w, None, None, None, None
 
 
