@@ -26,7 +26,6 @@ import subprocess
 import sys
 
 from setuptools import find_packages, setup
-from setuptools.dist import Distribution
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 BUILD_EXT = os.environ.get("QGRAD_BUILD_EXT", "auto").strip().lower()
@@ -156,21 +155,6 @@ def _extension():
     return [ext], {"build_ext": BuildExt}
 
 
-class _Distribution(Distribution):
-    """Keeps the ``qgrad.kernels`` mapping when pyproject.toml also configures package discovery.
-
-    setuptools applies ``[tool.setuptools.packages.find]`` after reading the arguments of ``setup()`` and
-    replaces ``packages`` with what it finds under ``qgrad/``, which cannot include a top-level folder
-    installed under another name; the mapped packages are added back here.
-    """
-
-    def parse_config_files(self, *args, **kwargs):
-        super().parse_config_files(*args, **kwargs)
-        packages, package_dir = _packages()
-        self.packages = sorted(set(self.packages or ()) | set(packages))
-        self.package_dir = {**(self.package_dir or {}), **package_dir}
-
-
 packages, package_dir = _packages()
 ext_modules, cmdclass = _extension()
 setup(
@@ -178,5 +162,4 @@ setup(
     package_dir=package_dir,
     ext_modules=ext_modules,
     cmdclass=cmdclass,
-    distclass=_Distribution,
 )
