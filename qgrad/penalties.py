@@ -51,13 +51,17 @@ Hooks, copies and ``state_dict``
 
 from __future__ import annotations
 
+import contextlib
 import math
 import numbers
 import weakref
-from typing import Dict, Iterable, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
+from torch.overrides import TorchFunctionMode
+
+from qgrad.ops.l1_norm import multi_l1_norm
 
 __all__ = ["L1GradPenalty", "L2GradPenalty", "OrthogonalityPenalty"]
 
@@ -193,24 +197,41 @@ class _StartHook(_PenaltyHook):
     def __call__(self, module: nn.Module, args: tuple) -> None:
         owner = self._owner()
         if owner is not None:
-            owner._fresh = True
+            owner._forward_started()
 
 
 class _RecordHook(_PenaltyHook):
-    """Pre-hook on a Conv/Linear layer: records the layer's input."""
+    """Pre-hook on a Conv/Linear layer: records the layer's input (or, when the penalty returns a replacement,
+    hands the layer that tensor instead)."""
 
     __slots__ = ()
 
-    def __call__(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+    def __call__(self, module: nn.Module, args: tuple, kwargs: dict):
         owner = self._owner()
-        if owner is not None:
-            owner._record(module, args[0] if args else kwargs.get("input"))
+        if owner is None:
+            return None
+        replacement = owner._record(module, args[0] if args else kwargs.get("input"))
+        if replacement is None:
+            return None
+        if args:
+            return (replacement, *args[1:]), kwargs
+        return args, {**kwargs, "input": replacement}
 
 
-def _remove_handles(handles: List[torch.utils.hooks.RemovableHandle]) -> None:
+def _recordable(module: nn.Module, x) -> bool:
+    """Whether a layer input counts as an activation of Eq. 3 (see the module docstring)."""
+    return (
+        torch.is_grad_enabled() and module.training and isinstance(x, torch.Tensor) and x.requires_grad
+    )
+
+
+def _release(handles: List[torch.utils.hooks.RemovableHandle], undo: List[Callable[[], None]]) -> None:
+    """Take the hooks off the model and undo the penalty's other changes to it (run once)."""
     for handle in handles:
         handle.remove()
     handles.clear()
+    while undo:
+        undo.pop()()
 
 
 # --------------------------------------------------------------------------------------------- base class
@@ -222,7 +243,12 @@ class _Penalty:
     """
 
     def __init__(
-        self, model: nn.Module, params: Optional[Iterable[torch.Tensor]], record: bool, min_dim: int = 0
+        self,
+        model: nn.Module,
+        params: Optional[Iterable[torch.Tensor]],
+        record: bool,
+        min_dim: int = 0,
+        watch_forward: bool = False,
     ):
         # validate everything before touching the model, so bad arguments leave it unchanged
         if not isinstance(model, nn.Module):
@@ -246,25 +272,29 @@ class _Penalty:
         self._fresh = True
         self._removed = False
         self._handles: List[torch.utils.hooks.RemovableHandle] = []
-        if record:
+        self._undo: List[Callable[[], None]] = []  # changes to the model other than hooks, undone by remove()
+        if record or watch_forward:
             self._handles.append(model.register_forward_pre_hook(_StartHook(self)))
+        if record:
             for layer in layers:
                 self._handles.append(layer.register_forward_pre_hook(_RecordHook(self), with_kwargs=True))
         # dropping the last reference to the penalty takes its hooks off the model
-        self._finalizer = weakref.finalize(self, _remove_handles, self._handles)
+        self._finalizer = weakref.finalize(self, _release, self._handles, self._undo)
 
     # ------------------------------------------------------------------ recording
-    def _record(self, module: nn.Module, x) -> None:
-        if not (torch.is_grad_enabled() and module.training):
-            return
-        if not isinstance(x, torch.Tensor) or not x.requires_grad:
-            return
+    def _forward_started(self) -> None:
+        self._fresh = True
+
+    def _record(self, module: nn.Module, x) -> Optional[torch.Tensor]:
+        if not _recordable(module, x):
+            return None
         if self._fresh:  # first tensor of a new forward pass: release the previous recording
             self._records, self._record_ids = [], set()
             self._fresh = False
         if id(x) not in self._record_ids:  # ids are stable while the list holds the tensors
             self._record_ids.add(id(x))
             self._records.append(x)
+        return None
 
     def clear(self) -> None:
         """Release the recorded activations; the next recorded layer input starts a new recording."""
@@ -319,8 +349,8 @@ class _Penalty:
         return dict(zip(["loss", "penalty", *terms.keys()], values))
 
     def remove(self) -> None:
-        """Take every hook of this penalty off the model and release the recording. Idempotent; afterwards the
-        penalty can no longer be evaluated."""
+        """Take every hook of this penalty off the model, undo its other changes to the model (see the
+        subclass) and release the recording. Idempotent; afterwards the penalty can no longer be evaluated."""
         self._finalizer()
         self.clear()
         self._removed = True
@@ -351,10 +381,11 @@ class _GradNormPenalty(_Penalty):
         weight: float = 0.05,
         activation: float = 0.05,
         params: Optional[Iterable[torch.Tensor]] = None,
+        watch_forward: bool = False,
     ):
         weight = _check_coefficient("weight", weight)
         activation = _check_coefficient("activation", activation)
-        super().__init__(model, params, record=activation > 0)
+        super().__init__(model, params, record=activation > 0, watch_forward=watch_forward)
         self._weight = weight
         self._activation = activation
 
@@ -368,17 +399,8 @@ class _GradNormPenalty(_Penalty):
         """``lambda_y``, the coefficient of the activation-gradient norms (fixed at construction)."""
         return self._activation
 
-    def _norms(self, grads: Sequence[Optional[torch.Tensor]], like: torch.Tensor) -> torch.Tensor:
-        # vector_norm's derivative is sign(g) for ord=1 and g/||g|| for ord=2, both taken as 0 at g = 0
-        # (no eps needed: an all-zero gradient gets a zero subgradient rather than NaN)
-        norms = [
-            torch.linalg.vector_norm(g, ord=self._ord, dtype=_accumulation_dtype(g))
-            for g in grads
-            if g is not None
-        ]
-        return _sum(norms, like)
-
-    def _terms(self, loss: torch.Tensor) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
+    def _selected(self) -> Tuple[List[torch.Tensor], List[torch.Tensor]]:
+        """The weights and recorded activations of the halves whose coefficient is > 0."""
         weights = self._weights() if self._weight > 0 else []
         acts = list(self._records) if self._activation > 0 else []
         if self._activation > 0 and not acts:
@@ -386,25 +408,55 @@ class _GradNormPenalty(_Penalty):
                 f"{type(self).__name__} has no recorded activations: run a forward pass in train mode "
                 "with grad enabled before calling the penalty (or construct it with activation=0)"
             )
-        zero = loss.new_zeros((), dtype=_accumulation_dtype(loss))
-        if not weights and not acts:
-            return zero, {f"weight_{self._suffix}": zero, f"activation_{self._suffix}": zero}
-        grads = torch.autograd.grad(loss, weights + acts, create_graph=True, allow_unused=True)
-        w_grads, a_grads = grads[: len(weights)], grads[len(weights) :]
+        return weights, acts
+
+    @staticmethod
+    def _check_activation_grads(acts: Sequence[torch.Tensor], a_grads: Sequence[Optional[torch.Tensor]]):
         if acts and all(g is None for g in a_grads):
             raise RuntimeError(
                 "the loss does not depend on the activations recorded in the last forward pass; run a "
                 "forward pass in train mode with grad enabled before calling the penalty, and compute the "
                 "loss from its output"
             )
-        w_norm = self._norms(w_grads, loss) if weights else zero
-        a_norm = self._norms(a_grads, loss) if acts else zero
+
+    def _norms(
+        self,
+        w_grads: Sequence[Optional[torch.Tensor]],
+        a_grads: Sequence[Optional[torch.Tensor]],
+        like: torch.Tensor,
+    ) -> Tuple[torch.Tensor, torch.Tensor]:
+        """``(sum_W ||g_W||_p, sum_y ||g_y||_p)``, differentiable; ``None`` gradients count as zero."""
+        # vector_norm's derivative is sign(g) for ord=1 and g/||g|| for ord=2, both taken as 0 at g = 0
+        # (no eps needed: an all-zero gradient gets a zero subgradient rather than NaN)
+        def total(grads):
+            norms = [
+                torch.linalg.vector_norm(g, ord=self._ord, dtype=_accumulation_dtype(g))
+                for g in grads
+                if g is not None
+            ]
+            return _sum(norms, like)
+
+        return total(w_grads), total(a_grads)
+
+    def _combine(self, w_norm: torch.Tensor, a_norm: torch.Tensor, weights, acts) -> torch.Tensor:
         if weights and acts:
-            reg = self._weight * w_norm + self._activation * a_norm
-        elif weights:
-            reg = self._weight * w_norm
-        else:
-            reg = self._activation * a_norm
+            return self._weight * w_norm + self._activation * a_norm
+        if weights:
+            return self._weight * w_norm
+        return self._activation * a_norm
+
+    def _terms(self, loss: torch.Tensor) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
+        weights, acts = self._selected()
+        zero = loss.new_zeros((), dtype=_accumulation_dtype(loss))
+        if not weights and not acts:
+            return zero, {f"weight_{self._suffix}": zero, f"activation_{self._suffix}": zero}
+        grads = torch.autograd.grad(loss, weights + acts, create_graph=True, allow_unused=True)
+        w_grads, a_grads = grads[: len(weights)], grads[len(weights) :]
+        self._check_activation_grads(acts, a_grads)
+        w_norm, a_norm = self._norms(w_grads, a_grads, loss)
+        w_norm = w_norm if weights else zero
+        a_norm = a_norm if acts else zero
+        reg = self._combine(w_norm, a_norm, weights, acts)
         self._fresh = True  # the recording is consumed: a later recorded tensor starts a new one
         return reg, {f"weight_{self._suffix}": w_norm, f"activation_{self._suffix}": a_norm}
 
@@ -415,8 +467,156 @@ class _GradNormPenalty(_Penalty):
         )
 
 
+# --------------------------------------------------------------------------------------------- l1: modes
+_METHODS = ("exact", "worst-case")
+_DEFAULT_H = 1e-3
+
+
+def _check_every(every: int) -> int:
+    if isinstance(every, bool) or not isinstance(every, numbers.Integral) or every < 1:
+        raise ValueError(f"every must be an int >= 1, got {every!r}")
+    return int(every)
+
+
+def _check_method(
+    method: str, h: Optional[float], bits: Optional[int]
+) -> Tuple[str, Optional[float], Optional[int]]:
+    if method not in _METHODS:
+        raise ValueError(f"method must be one of {_METHODS}, got {method!r}")
+    if method == "exact":
+        if h is not None or bits is not None:
+            raise ValueError(
+                "h and bits set the perturbation of method='worst-case'; leave them None for method='exact'"
+            )
+        return method, None, None
+    if h is not None and bits is not None:
+        raise ValueError(f"give h or bits, not both (got h={h!r}, bits={bits!r})")
+    if bits is not None:
+        if isinstance(bits, bool) or not isinstance(bits, numbers.Integral) or not 2 <= bits <= 16:
+            raise ValueError(f"bits must be an int in [2, 16], got {bits!r}")
+        return method, None, int(bits)
+    if h is None:
+        h = _DEFAULT_H
+    if isinstance(h, bool) or not isinstance(h, numbers.Real) or not math.isfinite(h) or h <= 0:
+        raise ValueError(f"h must be a finite number > 0, got {h!r}")
+    return method, float(h), None
+
+
+def _half_bin(t: torch.Tensor, bits: int, allow_unsigned: bool) -> torch.Tensor:
+    """Half the bin width of a per-tensor ``bits``-bit grid covering ``t`` (0-d tensor, at least float32; no
+    host synchronization).
+
+    Symmetric signed grid ``scale = max|t| / (2^(bits-1) - 1)``; with ``allow_unsigned`` a non-negative
+    tensor (e.g. a ReLU output) gets the unsigned grid ``scale = max(t) / (2^bits - 1)`` instead, the choice
+    :class:`qgrad.nn.FakeQuant` makes with ``signed=None``.
+    """
+    t = t.detach()
+    amax = t.abs().amax().to(_accumulation_dtype(t))
+    signed = amax / (2 ** (bits - 1) - 1)
+    if not allow_unsigned:
+        return signed / 2
+    return torch.where(t.amin() >= 0, amax / (2**bits - 1), signed) / 2
+
+
+def _rng_states(model: nn.Module) -> Tuple[torch.Tensor, Dict[int, torch.Tensor]]:
+    cuda = {}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        for p in model.parameters():
+            if p.is_cuda and p.device.index not in cuda:
+                cuda[p.device.index] = torch.cuda.get_rng_state(p.device)
+    return torch.get_rng_state(), cuda
+
+
+class _ActivationShift(TorchFunctionMode):
+    """Adds ``rho_k * sign(g_k)`` to the activations of the worst-case second forward.
+
+    The ``k``-th new tensor that reaches a regularized layer (under the recording rules) is matched with the
+    ``k``-th activation recorded by the first forward; the layer gets ``x + rho_k * sign(g_k)`` and, while
+    the mode is active, every later torch call that receives ``x`` (a residual add, a second layer) gets the
+    shifted tensor too, so the shift acts on the variable ``y`` of Eq. 3 and not only on one of its uses.
+    Uses that run before the first regularized layer consumes ``x`` see the unshifted tensor.
+    """
+
+    def __init__(self, shifts: Sequence[Tuple[torch.Size, torch.Tensor, object]]):
+        super().__init__()
+        self._shifts = shifts
+        self.count = 0
+        self._swap: Dict[int, Tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def replace(self, module: nn.Module, x) -> Optional[torch.Tensor]:
+        if not _recordable(module, x):
+            return None
+        hit = self._swap.get(id(x))
+        if hit is not None:
+            return hit[1]
+        if self.count >= len(self._shifts):
+            raise RuntimeError(
+                f"the closure's forward reached more regularized layer inputs than the {len(self._shifts)} "
+                "activations recorded by the first forward; the closure must recompute the same loss"
+            )
+        shape, sign, rho = self._shifts[self.count]
+        if x.shape != shape:
+            raise RuntimeError(
+                f"activation {self.count} of the closure's forward has shape {tuple(x.shape)}, the first "
+                f"forward recorded {tuple(shape)}; the closure must recompute the same loss on the same batch"
+            )
+        shifted = x + sign.to(x.dtype) * rho
+        self._swap[id(x)] = (x, shifted)  # holding x keeps its id unique while the mode is active
+        self.count += 1
+        return shifted
+
+    def _substitute(self, a):
+        if isinstance(a, torch.Tensor):
+            hit = self._swap.get(id(a))
+            if hit is not None and hit[0] is a:
+                return hit[1]
+        elif isinstance(a, (list, tuple)):  # torch.cat([...]), torch.stack([...])
+            return type(a)(self._substitute(b) for b in a)
+        return a
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        # a shallow walk (tensors, and lists/tuples of them, as arguments): the mode sees every torch call
+        # of the forward (~650 for ResNet-18 with qgrad's BatchNorm), and a generic pytree map per call cost
+        # more than half of a width-0.25 ResNet-18 forward
+        if self._swap:
+            args = tuple(self._substitute(a) for a in args)
+            if kwargs:
+                kwargs = {k: self._substitute(v) for k, v in kwargs.items()}
+        return func(*args, **(kwargs or {}))
+
+
+class _GradientInjection(torch.autograd.Function):
+    """Returns ``value`` unchanged; its backward hands precomputed gradients to ``targets``."""
+
+    @staticmethod
+    def forward(ctx, value, grads, *targets):
+        ctx.grads = grads
+        return value.detach().clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        return (None, None, *[None if g is None else g * grad.to(g.dtype) for g in ctx.grads])
+
+
+def _store_into(slots: list, i: int):
+    def hook(g: torch.Tensor) -> None:
+        slots[i] = g
+
+    return hook
+
+
+def _unique(tensors: Iterable[torch.Tensor]) -> List[torch.Tensor]:
+    out, seen = [], set()
+    for t in tensors:
+        if id(t) not in seen:
+            seen.add(id(t))
+            out.append(t)
+    return out
+
+
 class L1GradPenalty(_GradNormPenalty):
-    """The gradient-l1 penalty of Alizadeh et al. (ICLR 2020), Eq. 3.
+    """The gradient-l1 penalty of Alizadeh et al. (ICLR 2020), Eq. 3, with an exact fast path and two
+    cheaper modes.
 
     ``R = weight * sum_W ||dL/dW||_1 + activation * sum_y ||dL/dy||_1``
 
@@ -425,16 +625,393 @@ class L1GradPenalty(_GradNormPenalty):
             qgrad's quantized layers) supply the weights ``W`` and, through forward pre-hooks, the
             activations ``y`` (their inputs; see the module docstring for the recording rules).
         weight: ``lambda_w >= 0``. 0 skips the weight gradients entirely.
-        activation: ``lambda_y >= 0``. 0 skips the activation gradients and registers no hooks.
+        activation: ``lambda_y >= 0``. 0 skips the activation gradients and registers no layer hooks.
         params: explicit tensors (leaf, requiring grad) to use as ``W`` instead of the layer weights.
+        every: apply the penalty gradient on one call in ``every`` (see *Cheaper modes*); 1 = every call.
+        method: ``"exact"`` (default) or ``"worst-case"`` (see *Cheaper modes*).
+        h: ``"worst-case"`` only: the perturbation radius (default 1e-3).
+        bits: ``"worst-case"`` only, instead of ``h``: per-tensor radius of half a ``bits``-bit bin.
+        fused_batchnorm: swap the model's BatchNorms for qgrad's twins with a fused double backward
+            (see below). ``False`` leaves the model's modules as they are.
 
     ``penalty(loss)`` returns ``R`` (0-d, differentiable); ``penalty.backward(loss)`` runs
     ``(loss + R).backward()`` and returns floats ``loss``, ``penalty``, ``weight_l1``, ``activation_l1`` (the
     unweighted sums of norms; 0.0 for a half whose coefficient is 0). ``remove()`` detaches the hooks.
+
+    Exact method
+        ``R`` is differentiated by autograd's double backward. The per-tensor l1 norms of all weight and
+        activation gradients are reduced by one call of :func:`qgrad.ops.l1_norm.multi_l1_norm`, which keeps
+        ``sign(g)`` as int8 and hands ``lambda * sign(g)`` back in one pass per tensor.
+
+    Fused BatchNorm (``fused_batchnorm=True``)
+        Construction calls :func:`qgrad.nn.batch_norm.convert_batchnorm` on the model: every module of type
+        exactly ``nn.BatchNorm1d/2d/3d`` changes class, in place, to qgrad's subclass of the same name. The
+        module objects, their parameters, buffers and hooks, ``state_dict`` keys and values, outputs, first
+        gradients and running statistics stay what they were; only BatchNorm's double backward runs through
+        a fused closed form. :meth:`remove` (and dropping the penalty) reverts the modules this penalty
+        converted. A deep copy of the model taken meanwhile holds the qgrad classes; they behave as torch's.
+
+    Cheaper modes
+        ``every=k`` (any method): the calls of ``penalty(loss)`` and ``penalty.backward(loss)`` are counted
+        together; calls ``0, k, 2k, ...`` (the first one included) apply the penalty with its weight
+        multiplied by ``k`` -- ``penalty(loss)`` returns ``k * R`` and ``backward`` adds ``k * dR/dtheta`` --
+        and the calls in between are plain steps: ``penalty(loss)`` returns a constant zero (no gradient
+        work) and ``backward(loss)`` is ``loss.backward()``. Over ``k`` steps the penalty gradient has the
+        same total weight, at an amortized cost of ``1 + (r - 1) / k`` plain steps for a penalized step
+        costing ``r``. ``backward`` reports on every call: ``weight_l1`` / ``activation_l1`` of the step's
+        gradients (plain steps read them off their own backward: hooks, no extra pass), ``penalty`` the
+        unscaled ``R`` (for ``"worst-case"`` on plain steps: its first-order value
+        ``lambda_w * weight_l1 + lambda_y * activation_l1``), and ``penalty_scale``, the factor the penalty
+        gradient got on this call (``k`` or 0.0; it averages to 1 over ``k`` calls). A plain step does not
+        check that the recorded activations belong to the loss; the next penalized step does. The counter
+        is not saved with checkpoints: a resumed run starts again at a penalized call.
+
+        ``method="worst-case"``: one extra forward/backward at the worst-case l_inf perturbation of the
+        first-order model, instead of a double backward. With ``g`` the gradients at the current point
+        ``theta``, ``lam = max(lambda_w, lambda_y)`` and radii ``rho_W = h * lambda_w / lam``,
+        ``rho_y = h * lambda_y / lam``, the penalty is the loss increase
+
+            R_wc = (lam / h) * (L(W + rho_W sign(g_W); y + rho_y sign(g_y)) - L(W; y)),
+
+        the signs held fixed (they are piecewise constant), so
+        ``dR_wc/dtheta = (lam / h) * (grad L(theta + Delta) - grad L(theta))`` for every parameter of the
+        model (BatchNorm and biases included; tensors outside the model get their plain gradient only). To
+        first order in ``h``, ``R_wc = lambda_w ||g_W||_1 + lambda_y ||g_y||_1`` (Eq. 2 of the paper), the
+        exact penalty with the same meaning of ``lambda``, and for a twice-differentiable network its
+        gradient tends to the exact one (a finite difference of ``H @ (lambda * sign(g))``; measured cosine
+        > 0.99 with tanh or GELU at ``h = 1e-4`` in float64 and at ``h = 1e-3`` in float32; the test
+        suite checks this). **For ReLU networks the worst-case mode is a different objective, not an
+        approximation of the exact gradient**: the exact gradient sees only ReLU's linear pieces (its second
+        derivative is zero almost everywhere), whereas the perturbed forward moves units across their
+        kinks, and those crossings dominate the difference quotient. Measured at initialization on random
+        CIFAR-sized batches (width 0.25, batch 32, ``lambda = 0.05``), the cosine similarity between the
+        worst-case and the exact penalty gradient was 0.03-0.25 for ResNet-18 and -0.34-0.17 for VGG-like,
+        over ``h`` from 1e-4 to 1e-1 and ``bits`` 8 and 4; the two agree only when ``h`` is so small that no
+        unit changes side. The worst-case gradient is the gradient of the actual loss increase under the
+        worst first-order l_inf perturbation -- the kind of change quantization makes -- at the cost of one
+        forward and one backward.
+
+        ``bits=b`` ties the radius to a target bit-width: each weight tensor is moved by half a bin of a
+        symmetric ``b``-bit per-tensor grid, ``rho_W = (lambda_w / lam) * max|W| / (2^(b-1) - 1) / 2``, and
+        each activation by half a bin of its own grid from the recorded tensor (``max|y| / (2^b - 1) / 2``
+        when ``y >= 0``, as after a ReLU, else the symmetric grid). The loss increase is divided by ``h`` =
+        the mean of the half-bins over the perturbed tensors, so that to first order
+        ``R_wc = sum_t lambda_t (halfbin_t / h) ||g_t||_1``: ``lambda`` keeps its scale and each tensor's
+        term is weighted by its bin width relative to the mean.
+
+        The second forward needs the loss recomputed: pass ``closure`` (no arguments, returns the loss of
+        the same batch, e.g. ``lambda: criterion(model(x), y)``) to ``penalty(loss, closure)`` or
+        ``penalty.backward(loss, closure)``. During it the weights are moved in place and restored bit for
+        bit from a saved copy afterwards; the activation shifts are added by the layer pre-hooks, and a torch
+        function mode hands the shifted tensor to every later use of the same activation (a residual add);
+        uses that run before the first regularized layer reads it see the unshifted value. The model's
+        buffers are restored afterwards (BatchNorm running statistics, ``num_batches_tracked``), so running
+        statistics are updated once per step, by the caller's forward; and the random
+        number generator is replayed from the state the first forward started from (same dropout masks)
+        and then restored, so the step consumes no random numbers of its own. ``backward`` frees the first
+        graph before the second forward (peak memory of a plain step plus the saved signs and one copy of the
+        parameter gradients); ``penalty(loss,
+        closure)`` must keep the first graph for the caller's ``(loss + R).backward()`` and so costs one
+        more backward. Stats as above; ``penalty`` is ``R_wc``.
     """
 
     _ord = 1.0
     _suffix = "l1"
+
+    def __init__(
+        self,
+        model: nn.Module,
+        weight: float = 0.05,
+        activation: float = 0.05,
+        params: Optional[Iterable[torch.Tensor]] = None,
+        *,
+        every: int = 1,
+        method: str = "exact",
+        h: Optional[float] = None,
+        bits: Optional[int] = None,
+        fused_batchnorm: bool = True,
+    ):
+        every = _check_every(every)
+        method, h, bits = _check_method(method, h, bits)
+        if not isinstance(fused_batchnorm, bool):
+            raise TypeError(f"fused_batchnorm must be True or False, got {fused_batchnorm!r}")
+        super().__init__(model, weight, activation, params, watch_forward=method == "worst-case")
+        self._every = every
+        self._method = method
+        self._h = h
+        self._bits = bits
+        self._calls = 0
+        self._second_forward: Optional[object] = None  # set while the worst-case closure runs
+        self._rng = None
+        self._fused_batchnorm = fused_batchnorm
+        if fused_batchnorm:
+            self._convert_batchnorm()
+
+    # ------------------------------------------------------------------ batchnorm swap
+    def _convert_batchnorm(self) -> None:
+        from qgrad.nn.batch_norm import convert_batchnorm, revert_batchnorm
+
+        before = {id(m): type(m) for m in self.model.modules()}
+        convert_batchnorm(self.model)
+        converted = [m for m in self.model.modules() if type(m) is not before.get(id(m), type(m))]
+        if converted:
+            self._undo.append(lambda: [revert_batchnorm(m) for m in converted])
+
+    # ------------------------------------------------------------------ recording
+    def _forward_started(self) -> None:
+        if self._second_forward is not None:  # the worst-case closure: keep the first forward's recording
+            return
+        self._fresh = True
+        if self._method == "worst-case":
+            self._rng = _rng_states(self.model)
+
+    def _record(self, module: nn.Module, x) -> Optional[torch.Tensor]:
+        if isinstance(self._second_forward, _ActivationShift):
+            return self._second_forward.replace(module, x)
+        if self._second_forward is not None:
+            return None
+        return super()._record(module, x)
+
+    # ------------------------------------------------------------------ properties
+    @property
+    def every(self) -> int:
+        """The penalty is applied on one call in ``every`` (1: on every call)."""
+        return self._every
+
+    @property
+    def method(self) -> str:
+        """``"exact"`` or ``"worst-case"``."""
+        return self._method
+
+    def _norms(self, w_grads, a_grads, like):
+        # one fused call for all tensors; its backward is lambda * sign(g) from the int8 signs it kept
+        w = [g for g in w_grads if g is not None]
+        a = [g for g in a_grads if g is not None]
+        if not w and not a:
+            zero = like.new_zeros((), dtype=_accumulation_dtype(like))
+            return zero, zero
+        norms = multi_l1_norm(w + a)
+        zero = norms.new_zeros(())
+        return (norms[: len(w)].sum() if w else zero), (norms[len(w) :].sum() if a else zero)
+
+    # ------------------------------------------------------------------ public API
+    def _check_call(self, loss: torch.Tensor, closure) -> bool:
+        """Validate a call; return whether it applies the penalty (the step counter is not advanced)."""
+        self._check_usable()
+        _check_loss(loss)
+        applied = self._calls % self._every == 0
+        if applied and self._method == "worst-case" and not callable(closure):
+            raise TypeError(
+                "method='worst-case' recomputes the loss at the perturbed point: pass a closure, e.g. "
+                "penalty.backward(loss, lambda: criterion(model(x), y))"
+                + ("" if closure is None else f"; got a {type(closure).__name__}, which is not callable")
+            )
+        return applied
+
+    def __call__(
+        self, loss: torch.Tensor, closure: Optional[Callable[[], torch.Tensor]] = None
+    ) -> torch.Tensor:
+        """The penalty term for ``loss``: a differentiable 0-d tensor to add to the loss.
+
+        ``R`` (exact), ``R_wc`` (worst-case; needs ``closure``), times ``every`` on penalized calls; a
+        constant zero on the plain calls of ``every > 1``. See the class docstring.
+        """
+        applied = self._check_call(loss, closure)
+        if not applied:
+            self._selected()
+            self._fresh = True
+            self._calls += 1
+            return loss.new_zeros((), dtype=_accumulation_dtype(loss))
+        if self._method == "exact":
+            reg = self._terms(loss)[0]
+            reg = reg if self._every == 1 else reg * float(self._every)
+        else:
+            reg = self._worst_case(loss, closure, into_grad=False)[0]
+        self._calls += 1
+        return reg
+
+    def backward(
+        self, loss: torch.Tensor, closure: Optional[Callable[[], torch.Tensor]] = None
+    ) -> Dict[str, float]:
+        """``(loss + penalty(loss)).backward()`` in one call (for ``"worst-case"`` without keeping the first
+        graph); releases the recorded activations afterwards.
+
+        Returns floats ``loss``, ``penalty``, ``weight_l1``, ``activation_l1``, and ``penalty_scale`` when
+        ``every > 1`` (see the class docstring). BatchNorm running statistics are updated once per step, by
+        the caller's forward.
+        """
+        applied = self._check_call(loss, closure)
+        try:
+            if not applied:
+                stats = self._plain_step(loss)
+            elif self._method == "exact":
+                reg, terms = self._terms(loss)
+                (loss + (reg if self._every == 1 else reg * float(self._every))).backward()
+                stats = {"loss": loss, "penalty": reg, **terms}
+            else:
+                stats = self._worst_case(loss, closure, into_grad=True)[1]
+        finally:
+            self.clear()
+        self._calls += 1
+        values = dict(zip(stats, _floats(list(stats.values()))))
+        if self._every > 1:
+            values["penalty_scale"] = float(self._every) if applied else 0.0
+        return values
+
+    # ------------------------------------------------------------------ plain steps of every > 1
+    def _capture_backward(
+        self, loss: torch.Tensor, tensors: Sequence[torch.Tensor]
+    ) -> List[Optional[torch.Tensor]]:
+        """``loss.backward()``, returning the gradient that reached each of ``tensors`` (None if none did)."""
+        slots: List[Optional[torch.Tensor]] = [None] * len(tensors)
+        handles = [t.register_hook(_store_into(slots, i)) for i, t in enumerate(tensors)]
+        try:
+            loss.backward()
+        finally:
+            for handle in handles:
+                handle.remove()
+        return slots
+
+    def _l1_values(self, w_grads, a_grads, like) -> Dict[str, torch.Tensor]:
+        with torch.no_grad():
+            w_norm, a_norm = self._norms(w_grads, a_grads, like)
+        return {"weight_l1": w_norm, "activation_l1": a_norm}
+
+    def _plain_step(self, loss: torch.Tensor) -> Dict[str, torch.Tensor]:
+        weights, acts = self._selected()
+        grads = self._capture_backward(loss, weights + acts)
+        terms = self._l1_values(grads[: len(weights)], grads[len(weights) :], loss)
+        reg = self._combine(terms["weight_l1"], terms["activation_l1"], weights, acts)
+        return {"loss": loss, "penalty": reg, **terms}
+
+    # ------------------------------------------------------------------ worst-case
+    def _radii(self, weights, acts):
+        """Per-tensor radii (floats or 0-d tensors) and the normalizing ``h`` of the worst-case penalty."""
+        lam = max(self._weight, self._activation)
+        fw, fa = self._weight / lam, self._activation / lam
+        if self._bits is None:
+            return [self._h * fw] * len(weights), [self._h * fa] * len(acts), self._h
+        halves_w = [_half_bin(w, self._bits, allow_unsigned=False) for w in weights]
+        halves_a = [_half_bin(a, self._bits, allow_unsigned=True) for a in acts]
+        h = torch.stack(halves_w + halves_a).mean()
+        return [fw * r for r in halves_w], [fa * r for r in halves_a], h
+
+    def _worst_case(self, loss: torch.Tensor, closure, into_grad: bool):
+        weights, acts = self._selected()
+        targets = _unique([p for p in self.model.parameters() if p.requires_grad] + weights)
+        position = {id(t): i for i, t in enumerate(targets)}
+        # pass 1: the gradients at theta. backward() accumulates them into .grad right away (hooks read
+        # them on the way); penalty(loss, closure) keeps the graph for the caller's backward
+        if into_grad:
+            grads = self._capture_backward(loss, targets + acts)
+        else:
+            grads = list(torch.autograd.grad(loss, targets + acts, retain_graph=True, allow_unused=True))
+        g1, a_grads = grads[: len(targets)], grads[len(targets) :]
+        self._check_activation_grads(acts, a_grads)
+        w_grads = [g1[position[id(w)]] for w in weights]
+        terms = self._l1_values(w_grads, a_grads, loss)
+        lam = max(self._weight, self._activation)
+        if not weights and not acts:  # nothing to perturb (both coefficients 0, or every weight frozen)
+            zero = loss.new_zeros((), dtype=_accumulation_dtype(loss))
+            return zero, {"loss": loss, "penalty": zero, **terms}
+        with torch.no_grad():
+            rho_w, rho_a, h = self._radii(weights, acts)
+            shifts = [
+                (a.shape, torch.zeros(a.shape, dtype=torch.int8, device=a.device) if g is None
+                 else torch.sign(g).to(torch.int8), r)
+                for a, g, r in zip(acts, a_grads, rho_a)
+            ]
+            moves = [(w, torch.sign(g) * r) for w, g, r in zip(weights, w_grads, rho_w) if g is not None]
+        del grads, a_grads, w_grads
+        loss2, g2 = self._second_pass(closure, moves, shifts, targets)
+        with torch.no_grad():
+            if isinstance(h, torch.Tensor):  # bits: all half-bins 0 only for all-zero tensors, where g2 == g1
+                inv_h = torch.where(h > 0, 1 / h.clamp_min(torch.finfo(h.dtype).tiny), torch.zeros_like(h))
+            else:
+                inv_h = 1 / h
+            coef = lam * inv_h * float(self._every)
+            diffs = []
+            for a, b in zip(g1, g2):
+                if a is None and b is None:
+                    diffs.append(None)
+                elif a is None:
+                    diffs.append(b * coef)
+                elif b is None:
+                    diffs.append(a * -coef)
+                else:
+                    diffs.append((b - a).mul_(coef))
+            reg = (loss2.detach() - loss.detach()).to(_accumulation_dtype(loss)) * (lam * inv_h)
+            if into_grad:
+                for t, d in zip(targets, diffs):
+                    if d is None:
+                        continue
+                    if t.grad is None:
+                        t.grad = d
+                    else:
+                        t.grad.add_(d)
+        self._fresh = True
+        stats = {"loss": loss, "penalty": reg, **terms}
+        if not into_grad:  # the value scaled like the gradients, which already carry the factor `every`
+            reg = _GradientInjection.apply(reg * float(self._every), diffs, *targets)
+        return reg, stats
+
+    def _second_pass(self, closure, moves, shifts, targets):
+        """Run ``closure`` at the perturbed point and return ``(loss2, grad of loss2 w.r.t. targets)``; the
+        weights, the buffers and the random number generator are restored before returning."""
+        saved = [w.detach().clone() for w, _ in moves]
+        buffers = [(b, b.detach().clone()) for b in self.model.buffers()]
+        shift = _ActivationShift(shifts) if shifts else None
+        rng = self._rng
+        try:
+            # .data: the move and the restore must not bump the weights' version counters, so that a graph
+            # that saved them (the first forward's, kept by penalty(loss, closure)) stays usable; the restore
+            # copies the saved values back bit for bit
+            with torch.no_grad():
+                for w, delta in moves:
+                    w.data.add_(delta.to(w.dtype))
+            self._second_forward = shift if shift is not None else True
+            with torch.random.fork_rng(devices=list(rng[1]) if rng else [], enabled=rng is not None):
+                if rng is not None:
+                    torch.set_rng_state(rng[0])
+                    for index, state in rng[1].items():
+                        torch.cuda.set_rng_state(state, index)
+                with torch.enable_grad(), (shift if shift is not None else contextlib.nullcontext()):
+                    loss2 = closure()
+            if not isinstance(loss2, torch.Tensor) or loss2.numel() != 1 or not loss2.requires_grad:
+                got = type(loss2).__name__
+                if isinstance(loss2, torch.Tensor):
+                    got = f"shape {tuple(loss2.shape)}, requires_grad={loss2.requires_grad}"
+                raise TypeError(
+                    f"closure must return the loss as a one-element tensor that requires grad, got {got}"
+                )
+            if shift is not None and shift.count != len(shifts):
+                raise RuntimeError(
+                    f"the closure's forward reached {shift.count} regularized layer inputs, the first "
+                    f"forward recorded {len(shifts)}; the closure must recompute the same loss on the same "
+                    "batch"
+                )
+            g2 = torch.autograd.grad(loss2, targets, allow_unused=True)
+        finally:
+            self._second_forward = None
+            with torch.no_grad():
+                for (w, _), w0 in zip(moves, saved):
+                    w.data.copy_(w0)
+                # every buffer is put back: BatchNorm's kernel updates the running statistics without bumping
+                # their version counters, so a change cannot be detected cheaply; .data keeps the counters,
+                # as a graph that saved an eval-mode BatchNorm's statistics checks them
+                for b, copy in buffers:
+                    b.data.copy_(copy)
+        return loss2, g2
+
+    def __repr__(self) -> str:
+        mode = "" if self._method == "exact" else (
+            ", method='worst-case', " + (f"bits={self._bits}" if self._bits is not None else f"h={self._h}")
+        )
+        return (
+            f"{type(self).__name__}(weight={self._weight}, activation={self._activation}"
+            f"{'' if self._every == 1 else f', every={self._every}'}{mode}, "
+            f"layers={len(self._layers)}{', removed' if self._removed else ''})"
+        )
 
 
 class L2GradPenalty(_GradNormPenalty):

@@ -1,0 +1,98 @@
+"""Tests for qgrad.ops.l1_norm: ``multi_l1_norm`` against its plain-op reference and a float64 computation."""
+
+import pytest
+import torch
+
+from qgrad.ops.l1_norm import MultiL1NormFn, multi_l1_norm, multi_l1_norm_ref
+
+SHAPES = [(5, 123, 123), (7,), (3, 1, 5, 9), ()]
+TOL = {torch.float32: 1e-6, torch.float64: 1e-13, torch.bfloat16: 1e-6, torch.float16: 1e-6}
+
+
+def make_tensors(dtype, seed=0, noncontiguous=False):
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for shape in SHAPES:
+        t = torch.randn(shape, generator=g, dtype=torch.float64)
+        if t.dim() >= 2:
+            t[..., ::3] = 0.0  # exact zeros: sign 0, the zero subgradient
+        if noncontiguous and t.dim() >= 2:
+            t = torch.randn(shape[::-1], generator=g, dtype=torch.float64).transpose(0, -1)[..., ::2]
+        out.append(t.to(dtype).requires_grad_())
+    return out
+
+
+def worst(a, b):
+    diff = (a.double() - b.double()).abs()
+    i = int(diff.argmax())
+    return f"worst mismatch at {i}: {a.flatten()[i].item()} vs {b.flatten()[i].item()}"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("noncontiguous", [False, True])
+def test_values_and_gradients_match_reference(dtype, noncontiguous):
+    tensors = make_tensors(dtype, noncontiguous=noncontiguous)
+    coeff = torch.tensor([0.3, -1.7, 2.0, 0.5], dtype=torch.float64)
+    out = multi_l1_norm(tensors)
+    ref = multi_l1_norm_ref(tensors)
+    exact = torch.stack([t.detach().double().abs().sum() for t in tensors])  # float64 truth
+
+    expected_dtype = torch.float64 if dtype == torch.float64 else torch.float32
+    assert out.shape == (len(tensors),) and out.dtype == expected_dtype and ref.dtype == expected_dtype
+    rel = ((out.double() - exact).abs() / exact.clamp_min(1e-30)).max().item()
+    assert rel <= TOL[dtype], (rel, worst(out, exact))
+
+    grads = torch.autograd.grad((out * coeff.to(out.dtype)).sum(), tensors)
+    grads_ref = torch.autograd.grad((ref * coeff.to(ref.dtype)).sum(), tensors)
+    for t, g, r, c in zip(tensors, grads, grads_ref, coeff):
+        assert g.dtype == t.dtype and g.shape == t.shape
+        # c * sign(t) is exact in every dtype where c is representable; compare with the reference bit for bit
+        assert torch.equal(g, r), worst(g, r)
+        assert torch.equal(g, (torch.sign(t.detach().double()) * c).to(t.dtype))
+
+
+def test_signs_are_saved_as_int8_and_mixed_dtypes_work():
+    tensors = [
+        torch.randn(4, 5, dtype=torch.bfloat16, requires_grad=True),
+        torch.randn(6, requires_grad=True),
+        torch.randn(3, 3, dtype=torch.float16, requires_grad=True),
+    ]
+    out = multi_l1_norm(tensors)
+    assert out.dtype == torch.float32
+    saved = out.grad_fn.saved_tensors
+    assert [s.dtype for s in saved] == [torch.int8] * 3
+    assert all(torch.equal(s, torch.sign(t.detach()).to(torch.int8)) for s, t in zip(saved, tensors))
+    grads = torch.autograd.grad(out.sum(), tensors)
+    assert [g.dtype for g in grads] == [t.dtype for t in tensors]
+
+
+def test_no_grad_skips_the_signs_and_keeps_values():
+    tensors = make_tensors(torch.float32)
+    with torch.no_grad():
+        out = multi_l1_norm(tensors)
+    assert out.grad_fn is None
+    assert torch.equal(out, multi_l1_norm(tensors).detach())
+    plain = [t.detach() for t in tensors]
+    assert torch.equal(multi_l1_norm(plain), out)
+
+
+def test_only_inputs_that_need_grad_get_one():
+    a = torch.randn(5, requires_grad=True)
+    b = torch.randn(5)
+    out = multi_l1_norm([a, b])
+    (ga,) = torch.autograd.grad(out.sum(), [a])
+    assert torch.equal(ga, torch.sign(a.detach()))
+    assert isinstance(out.grad_fn, MultiL1NormFn._backward_cls)
+
+
+def test_errors():
+    with pytest.raises(ValueError, match="tensors is empty"):
+        multi_l1_norm([])
+    with pytest.raises(TypeError, match="single tensor"):
+        multi_l1_norm(torch.ones(3))
+    with pytest.raises(TypeError, match=r"tensors\[1\] must be a floating-point tensor"):
+        multi_l1_norm([torch.ones(3), torch.ones(3, dtype=torch.int64)])
+    with pytest.raises(TypeError, match=r"tensors\[0\] must be a torch.Tensor"):
+        multi_l1_norm([1.0])
+    with pytest.raises(TypeError, match="must be a list of tensors"):
+        multi_l1_norm(3)
