@@ -401,9 +401,12 @@ def test_l1_penalty_gradient_unchanged_by_conversion(mode, double_backward):
     ours = convert_batchnorm(copy.deepcopy(ref))
     x, y = torch.randn(16, 3, 8, 8), torch.randint(0, 4, (16,))
     results = []
-    for model in (ref, ours):
+    for model, fused in ((ref, False), (ours, True)):
         # the penalty records activations only in training mode; in eval mode it regularizes the weights
         penalty = L1GradPenalty(model, weight=0.05, activation=0.05 if mode == "train" else 0.0)
+        # the penalty may convert the BatchNorms itself: pin each model to the implementation under test
+        (convert_batchnorm if fused else revert_batchnorm)(model)
+        assert type(model.bn1) is (BatchNorm2d if fused else nn.BatchNorm2d)
         stats = penalty.backward(F.cross_entropy(model(x), y))
         grads = torch.cat([p.grad.flatten() for p in model.parameters()])
         results.append((stats, grads, {k: v.clone() for k, v in model.state_dict().items()}))

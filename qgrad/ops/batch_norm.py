@@ -118,7 +118,7 @@ def _double_backward_torch(
             if gb is not None:
                 d_dy.add_(gb)
         if need_x:
-            d_x = torch.zeros_like(xc) if gw is None else dyc * (gw * r)
+            d_x = None if gw is None else dyc * (gw * r)
         if need_w:
             d_w = torch.zeros_like(r) if gx is None else r * csum(gx * dyc)
     else:
@@ -201,9 +201,12 @@ class BatchNormBackwardFn(torch.autograd.Function):
     def backward(ctx, ggx, ggw, ggb):
         dy, x, weight, stat_a, stat_b = ctx.saved_tensors
         training, eps = ctx.training, ctx.eps
-        need = tuple(ctx.needs_input_grad[:3])
+        need_dy, need_x, need_w = ctx.needs_input_grad[:3]
         if weight is None:
             ggw = ggb = None  # dweight / dbias of a BatchNorm without affine parameters are not used
+        # with constant statistics x enters only dw, so without ggw its gradient is zero: None tells autograd so
+        # without materializing it
+        need = (need_dy, need_x and (training or ggw is not None), need_w)
         if torch.is_grad_enabled():
             # create_graph=True: the result must itself be differentiable (w.r.t. x through the batch
             # statistics too), which the reference formulas are
