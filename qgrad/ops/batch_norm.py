@@ -171,8 +171,9 @@ class BatchNormBackwardFn(torch.autograd.Function):
     running_var)`` (copies taken at forward time) in eval mode; they are constants of this node, the
     dependence of the batch statistics on ``x`` being part of the derivative formulas. ``dweight`` and
     ``dbias`` are sums of ``dy * xhat`` and ``dy`` per channel (returned even when ``weight`` is None).
-    Its backward is the fused double backward (:func:`_double_backward_torch`); under ``create_graph=True``
-    it is the differentiable reference formula instead (see the module docstring).
+    Its backward is the fused double backward (the C++ kernel on CPU, else :func:`_double_backward_torch`);
+    under ``create_graph=True`` it is the differentiable reference formula instead (see the module docstring).
+    In eval mode without ``ggw`` the gradient w.r.t. ``x`` is identically zero and is returned as None.
     """
 
     @staticmethod
