@@ -418,3 +418,23 @@ def test_l1_penalty_gradient_unchanged_by_conversion(mode, double_backward):
     assert rel <= 1e-5, f"relative error of the parameter gradient {rel:.3g}"
     for k in sd_ref:
         assert torch.equal(sd_ours[k], sd_ref[k]), k
+
+
+def test_cpp_kernel_rejects_bad_arguments():
+    kernel = bn_ops._cpp_double_backward()
+    if kernel is None:
+        pytest.skip("qgrad._C is not built with batch_norm_double_backward (pip install --no-build-isolation .)")
+    x, dy, c = torch.randn(2, 3, 4), torch.randn(2, 3, 4), torch.ones(3)
+    good = dict(ggx=None, ggw=None, ggb=None, dy=dy, x=x, weight=None, mean=c, invstd=c, sum_dy=None,
+                sum_dy_xhat=None, training=True, need_dy=True, need_x=True, need_w=True)
+    kernel(**good)
+    bad = [
+        (dict(dy=torch.randn(2, 3, 5)), "dy must have the shape of x"),
+        (dict(ggx=torch.randn(2, 3, 4, dtype=F64)), "ggx must have the dtype of x"),
+        (dict(mean=torch.ones(4)), "mean must be 1-d of length 3"),
+        (dict(x=x.long(), dy=dy.long()), "x must be float32, float64, float16 or bfloat16"),
+        (dict(x=torch.randn(3), dy=torch.randn(3), mean=torch.ones(1), invstd=torch.ones(1)), "shape \\(N, C"),
+    ]
+    for change, match in bad:
+        with pytest.raises(ValueError, match=match):
+            kernel(**{**good, **change})
