@@ -61,6 +61,8 @@ import torch
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
+from qgrad.nn.batch_norm import convert_batchnorm, revert_batchnorm
+from qgrad.nn.conv import convert_conv, revert_conv
 from qgrad.ops.l1_norm import multi_l1_norm
 
 __all__ = ["L1GradPenalty", "L2GradPenalty", "OrthogonalityPenalty"]
@@ -632,7 +634,8 @@ class L1GradPenalty(_GradNormPenalty):
         h: ``"worst-case"`` only: the perturbation radius (default 1e-3).
         bits: ``"worst-case"`` only, instead of ``h``: per-tensor radius of half a ``bits``-bit bin.
         fused_batchnorm: swap the model's BatchNorms for qgrad's twins with a fused double backward
-            (see below). ``False`` leaves the model's modules as they are.
+            (see below). ``False`` leaves them as they are.
+        fused_conv: likewise for the model's ``nn.Conv1d/2d/3d`` (twins with a direct double backward).
 
     ``penalty(loss)`` returns ``R`` (0-d, differentiable); ``penalty.backward(loss)`` runs
     ``(loss + R).backward()`` and returns floats ``loss``, ``penalty``, ``weight_l1``, ``activation_l1`` (the
@@ -643,13 +646,16 @@ class L1GradPenalty(_GradNormPenalty):
         activation gradients are reduced by one call of :func:`qgrad.ops.l1_norm.multi_l1_norm`, which keeps
         ``sign(g)`` as int8 and hands ``lambda * sign(g)`` back in one pass per tensor.
 
-    Fused BatchNorm (``fused_batchnorm=True``)
-        Construction calls :func:`qgrad.nn.batch_norm.convert_batchnorm` on the model: every module of type
-        exactly ``nn.BatchNorm1d/2d/3d`` changes class, in place, to qgrad's subclass of the same name. The
-        module objects, their parameters, buffers and hooks, ``state_dict`` keys and values, outputs, first
-        gradients and running statistics stay what they were; only BatchNorm's double backward runs through
-        a fused closed form. :meth:`remove` (and dropping the penalty) reverts the modules this penalty
-        converted. A deep copy of the model taken meanwhile holds the qgrad classes; they behave as torch's.
+    Fused BatchNorm and convolutions (``fused_batchnorm=True``, ``fused_conv=True``)
+        Construction calls :func:`qgrad.nn.batch_norm.convert_batchnorm` and
+        :func:`qgrad.nn.conv.convert_conv` on the model: every module of type exactly
+        ``nn.BatchNorm1d/2d/3d`` or ``nn.Conv1d/2d/3d`` changes class, in place, to qgrad's subclass of the
+        same name. The module objects, their parameters, buffers and hooks, ``state_dict`` keys and values,
+        outputs, first gradients and running statistics stay what they were; only the double backward runs
+        through qgrad's formulas (BatchNorm: a fused closed form; convolutions: regular input/weight-gradient
+        kernels instead of PyTorch's batch-as-channel convolution). :meth:`remove` (and dropping the
+        penalty) reverts the modules this penalty converted. A deep copy of the model taken meanwhile holds
+        the qgrad classes; they behave as torch's. Subclasses (e.g. qgrad's quantized layers) keep theirs.
 
     Cheaper modes
         ``every=k`` (any method): the calls of ``penalty(loss)`` and ``penalty.backward(loss)`` are counted
@@ -730,11 +736,13 @@ class L1GradPenalty(_GradNormPenalty):
         h: Optional[float] = None,
         bits: Optional[int] = None,
         fused_batchnorm: bool = True,
+        fused_conv: bool = True,
     ):
         every = _check_every(every)
         method, h, bits = _check_method(method, h, bits)
-        if not isinstance(fused_batchnorm, bool):
-            raise TypeError(f"fused_batchnorm must be True or False, got {fused_batchnorm!r}")
+        for name, flag in (("fused_batchnorm", fused_batchnorm), ("fused_conv", fused_conv)):
+            if not isinstance(flag, bool):
+                raise TypeError(f"{name} must be True or False, got {flag!r}")
         super().__init__(model, weight, activation, params, watch_forward=method == "worst-case")
         self._every = every
         self._method = method
@@ -743,19 +751,19 @@ class L1GradPenalty(_GradNormPenalty):
         self._calls = 0
         self._second_forward: Optional[object] = None  # set while the worst-case closure runs
         self._rng = None
-        self._fused_batchnorm = fused_batchnorm
         if fused_batchnorm:
-            self._convert_batchnorm()
+            self._convert(convert_batchnorm, revert_batchnorm)
+        if fused_conv:
+            self._convert(convert_conv, revert_conv)
 
-    # ------------------------------------------------------------------ batchnorm swap
-    def _convert_batchnorm(self) -> None:
-        from qgrad.nn.batch_norm import convert_batchnorm, revert_batchnorm
-
+    # ------------------------------------------------------------------ module swaps
+    def _convert(self, convert: Callable[[nn.Module], nn.Module], revert: Callable[[nn.Module], nn.Module]):
+        """Apply an in-place class swap to the model; :meth:`remove` reverts the modules it changed."""
         before = {id(m): type(m) for m in self.model.modules()}
-        convert_batchnorm(self.model)
-        converted = [m for m in self.model.modules() if type(m) is not before.get(id(m), type(m))]
+        convert(self.model)
+        converted = [m for m in self.model.modules() if type(m) is not before[id(m)]]
         if converted:
-            self._undo.append(lambda: [revert_batchnorm(m) for m in converted])
+            self._undo.append(lambda: [revert(m) for m in converted])
 
     # ------------------------------------------------------------------ recording
     def _forward_started(self) -> None:

@@ -21,6 +21,7 @@ from torch import nn
 
 import qgrad.models
 from qgrad.nn.batch_norm import BatchNorm1d, BatchNorm2d, convert_batchnorm
+from qgrad.nn.conv import Conv2d
 from qgrad.penalties import L1GradPenalty
 
 LAYERS = (nn.Conv2d, nn.Linear)
@@ -184,14 +185,20 @@ def bn_types(model):
     return [type(m) for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
 
 
-def test_fused_batchnorm_swap_keeps_state_dict_and_copies_and_is_undone():
+def conv_types(model):
+    return [type(m) for m in model.modules() if isinstance(m, nn.Conv2d)]
+
+
+def test_fused_module_swap_keeps_state_dict_and_copies_and_is_undone():
     model, x, y = make_small("train_affine_functional")
     original = bn_types(model)
+    assert conv_types(model) == [nn.Conv2d, nn.Conv2d]
     state = {k: v.clone() for k, v in model.state_dict().items()}
     params = [id(p) for p in model.parameters()]
 
     penalty = L1GradPenalty(model, weight=0.1, activation=0.1)
     assert bn_types(model) == [BatchNorm2d, BatchNorm2d, BatchNorm1d]
+    assert conv_types(model) == [Conv2d, Conv2d]
     assert [id(p) for p in model.parameters()] == params  # same tensors: optimizers keep working
     sd = model.state_dict()
     assert list(sd) == list(state) and all(torch.equal(sd[k], state[k]) for k in sd)
@@ -204,16 +211,22 @@ def test_fused_batchnorm_swap_keeps_state_dict_and_copies_and_is_undone():
         assert own.backward(F.cross_entropy(clone(x), y))["penalty"] > 0
 
     penalty.remove()
-    assert bn_types(model) == original
+    assert bn_types(model) == original and conv_types(model) == [nn.Conv2d, nn.Conv2d]
     L1GradPenalty(model)  # dropped at once: the swap goes with it
     gc.collect()
-    assert bn_types(model) == original
+    assert bn_types(model) == original and conv_types(model) == [nn.Conv2d, nn.Conv2d]
 
     kept = L1GradPenalty(model, fused_batchnorm=False)
-    assert bn_types(model) == original
+    assert bn_types(model) == original and conv_types(model) == [Conv2d, Conv2d]
+    kept.remove()
+    kept = L1GradPenalty(model, fused_conv=False)
+    assert bn_types(model) != original and conv_types(model) == [nn.Conv2d, nn.Conv2d]
     kept.remove()
     with pytest.raises(TypeError, match="fused_batchnorm must be True or False"):
         L1GradPenalty(model, fused_batchnorm=1)
+    with pytest.raises(TypeError, match="fused_conv must be True or False"):
+        L1GradPenalty(model, fused_conv=None)
+    assert bn_types(model) == original and conv_types(model) == [nn.Conv2d, nn.Conv2d]
 
     # modules the user converted stay converted after the penalty is removed
     convert_batchnorm(model)
@@ -234,7 +247,7 @@ def bn_state(model):
     "kwargs",
     [
         dict(),
-        dict(fused_batchnorm=False),
+        dict(fused_batchnorm=False, fused_conv=False),
         dict(every=3),
         dict(method="worst-case", h=1e-2),
         dict(method="worst-case", bits=4),
