@@ -607,6 +607,31 @@ def _store_into(slots: list, i: int):
     return hook
 
 
+def _reduce(g: torch.Tensor, keep_sign: bool) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """``(||g||_1, sign(g) as int8 or None)``."""
+    with torch.no_grad():
+        sign = torch.sign(g).to(torch.int8) if keep_sign else None
+        return g.abs().sum(dtype=_accumulation_dtype(g)), sign
+
+
+def _reduce_into(slots: list, i: int, keep_sign: bool):
+    # reduces an activation gradient as soon as the backward produces it, so that it is not kept alive to
+    # the end of the backward (it would add the size of every recorded activation to the peak memory)
+    def hook(g: torch.Tensor) -> None:
+        slots[i] = _reduce(g, keep_sign)
+
+    return hook
+
+
+def _total(norms: Sequence[torch.Tensor], like: torch.Tensor) -> torch.Tensor:
+    if not norms:
+        return like.new_zeros((), dtype=_accumulation_dtype(like))
+    dtype = norms[0].dtype
+    for n in norms[1:]:
+        dtype = torch.promote_types(dtype, n.dtype)
+    return torch.stack([n.to(dtype) for n in norms]).sum()
+
+
 def _unique(tensors: Iterable[torch.Tensor]) -> List[torch.Tensor]:
     out, seen = [], set()
     for t in tensors:
@@ -656,6 +681,7 @@ class L1GradPenalty(_GradNormPenalty):
         kernels instead of PyTorch's batch-as-channel convolution). :meth:`remove` (and dropping the
         penalty) reverts the modules this penalty converted. A deep copy of the model taken meanwhile holds
         the qgrad classes; they behave as torch's. Subclasses (e.g. qgrad's quantized layers) keep theirs.
+        ``method="worst-case"`` never differentiates twice and so swaps nothing.
 
     Cheaper modes
         ``every=k`` (any method): the calls of ``penalty(loss)`` and ``penalty.backward(loss)`` are counted
@@ -751,9 +777,10 @@ class L1GradPenalty(_GradNormPenalty):
         self._calls = 0
         self._second_forward: Optional[object] = None  # set while the worst-case closure runs
         self._rng = None
-        if fused_batchnorm:
+        # the twins change only second derivatives, which the worst-case method never takes
+        if fused_batchnorm and method == "exact":
             self._convert(convert_batchnorm, revert_batchnorm)
-        if fused_conv:
+        if fused_conv and method == "exact":
             self._convert(convert_conv, revert_conv)
 
     # ------------------------------------------------------------------ module swaps
@@ -868,27 +895,32 @@ class L1GradPenalty(_GradNormPenalty):
 
     # ------------------------------------------------------------------ plain steps of every > 1
     def _capture_backward(
-        self, loss: torch.Tensor, tensors: Sequence[torch.Tensor]
-    ) -> List[Optional[torch.Tensor]]:
-        """``loss.backward()``, returning the gradient that reached each of ``tensors`` (None if none did)."""
-        slots: List[Optional[torch.Tensor]] = [None] * len(tensors)
-        handles = [t.register_hook(_store_into(slots, i)) for i, t in enumerate(tensors)]
+        self, loss: torch.Tensor, kept: Sequence[torch.Tensor], reduced: Sequence[torch.Tensor], signs: bool
+    ) -> Tuple[List[Optional[torch.Tensor]], List[Optional[Tuple[torch.Tensor, Optional[torch.Tensor]]]]]:
+        """``loss.backward()``, returning the gradient that reached each tensor of ``kept`` and ``(l1 norm,
+        int8 sign or None)`` of the gradient of each tensor of ``reduced`` (None where no gradient came)."""
+        g_kept: List[Optional[torch.Tensor]] = [None] * len(kept)
+        g_reduced: list = [None] * len(reduced)
+        handles = [t.register_hook(_store_into(g_kept, i)) for i, t in enumerate(kept)]
+        handles += [t.register_hook(_reduce_into(g_reduced, i, signs)) for i, t in enumerate(reduced)]
         try:
             loss.backward()
         finally:
             for handle in handles:
                 handle.remove()
-        return slots
+        return g_kept, g_reduced
 
-    def _l1_values(self, w_grads, a_grads, like) -> Dict[str, torch.Tensor]:
+    def _l1_values(self, w_grads, a_reduced, like) -> Dict[str, torch.Tensor]:
         with torch.no_grad():
-            w_norm, a_norm = self._norms(w_grads, a_grads, like)
+            w = [g for g in w_grads if g is not None]
+            w_norm = multi_l1_norm(w).sum() if w else _total([], like)
+            a_norm = _total([r[0] for r in a_reduced if r is not None], like)
         return {"weight_l1": w_norm, "activation_l1": a_norm}
 
     def _plain_step(self, loss: torch.Tensor) -> Dict[str, torch.Tensor]:
         weights, acts = self._selected()
-        grads = self._capture_backward(loss, weights + acts)
-        terms = self._l1_values(grads[: len(weights)], grads[len(weights) :], loss)
+        w_grads, a_reduced = self._capture_backward(loss, weights, acts, signs=False)
+        terms = self._l1_values(w_grads, a_reduced, loss)
         reg = self._combine(terms["weight_l1"], terms["activation_l1"], weights, acts)
         return {"loss": loss, "penalty": reg, **terms}
 
@@ -911,26 +943,30 @@ class L1GradPenalty(_GradNormPenalty):
         # pass 1: the gradients at theta. backward() accumulates them into .grad right away (hooks read
         # them on the way); penalty(loss, closure) keeps the graph for the caller's backward
         if into_grad:
-            grads = self._capture_backward(loss, targets + acts)
+            g1, a_reduced = self._capture_backward(loss, targets, acts, signs=True)
         else:
-            grads = list(torch.autograd.grad(loss, targets + acts, retain_graph=True, allow_unused=True))
-        g1, a_grads = grads[: len(targets)], grads[len(targets) :]
-        self._check_activation_grads(acts, a_grads)
+            grads = torch.autograd.grad(loss, targets + acts, retain_graph=True, allow_unused=True)
+            g1 = list(grads[: len(targets)])
+            a_reduced = [None if g is None else _reduce(g, True) for g in grads[len(targets) :]]
+            del grads
+        self._check_activation_grads(acts, a_reduced)
         w_grads = [g1[position[id(w)]] for w in weights]
-        terms = self._l1_values(w_grads, a_grads, loss)
+        terms = self._l1_values(w_grads, a_reduced, loss)
         lam = max(self._weight, self._activation)
         if not weights and not acts:  # nothing to perturb (both coefficients 0, or every weight frozen)
             zero = loss.new_zeros((), dtype=_accumulation_dtype(loss))
             return zero, {"loss": loss, "penalty": zero, **terms}
         with torch.no_grad():
             rho_w, rho_a, h = self._radii(weights, acts)
-            shifts = [
-                (a.shape, torch.zeros(a.shape, dtype=torch.int8, device=a.device) if g is None
-                 else torch.sign(g).to(torch.int8), r)
-                for a, g, r in zip(acts, a_grads, rho_a)
-            ]
+            shifts = []
+            for a, red, r in zip(acts, a_reduced, rho_a):  # an activation no gradient reached is not moved
+                sign = torch.zeros(a.shape, dtype=torch.int8, device=a.device) if red is None else red[1]
+                shifts.append((a.shape, sign, r))
             moves = [(w, torch.sign(g) * r) for w, g, r in zip(weights, w_grads, rho_w) if g is not None]
-        del grads, a_grads, w_grads
+        # the first forward's activations and gradients are not needed any more: release them before the
+        # second forward (backward() has freed the first graph, so this lowers the peak by their size)
+        del a_reduced, w_grads, acts
+        self._records, self._record_ids = [], set()
         loss2, g2 = self._second_pass(closure, moves, shifts, targets)
         with torch.no_grad():
             if isinstance(h, torch.Tensor):  # bits: all half-bins 0 only for all-zero tensors, where g2 == g1

@@ -95,7 +95,11 @@ class ConvFn(torch.autograd.Function):
     def backward(ctx, gy):
         x, w = ctx.saved_tensors
         mask = tuple(ctx.needs_input_grad[:3])
-        gx, gw, gb = ConvBackwardFn.apply(gy, x, w, mask, *ctx.args)
+        if torch.is_grad_enabled():  # create_graph=True: record the node that holds the double backward
+            gx, gw, gb = ConvBackwardFn.apply(gy, x, w, mask, *ctx.args)
+        else:
+            bias_size = [w.shape[0]] if mask[2] else None
+            gx, gw, gb = _conv_backward(gy, x, w, bias_size, *ctx.args, list(mask))
         return gx, gw, gb, None, None, None, None
 
 
