@@ -30,7 +30,10 @@ MODEL, DATASET = "vgg_like", "digits"
 WIDTH, BATCH_SIZE = 0.25, 64
 EPOCHS, FINETUNE_EPOCHS = 30, 10
 LR, FINETUNE_LR = 0.05, 0.01
-LAM = 0.02
+# lambda was picked once, on seed 0, from {0.001, 0.003, 0.005, 0.007, 0.01, 0.02, 0.05} by the paper's
+# criterion: the float accuracy of the l1 fine-tune must not fall below the plain fine-tune's (here: by at most
+# one test image). 0.01 and above cost 10 or more points of float accuracy on this small model.
+LAM = 0.005
 
 
 def add_parser(sub, parents) -> None:
@@ -38,8 +41,13 @@ def add_parser(sub, parents) -> None:
         "demo",
         parents=parents,
         help="compare plain and gradient-l1 fine-tuning under quantization on digits (a few CPU minutes)",
-        description=__doc__.split("\n\n", 1)[1].strip(),
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description=(
+            "Train a narrow VGG-like on scikit-learn's digits, then fine-tune it for the same number of epochs "
+            "twice: without a penalty (the baseline) and with the gradient-l1 penalty. Quantize both after "
+            "training (symmetric uniform, activation ranges from BatchNorm) at falling bit-widths and print "
+            "their test accuracy and KL(p_float || p_quant) side by side. Deterministic under --seed; "
+            "writes DIR/demo.json and the three run directories."
+        ),
     )
     p.add_argument("--out", default="qgrad-demo", metavar="DIR", help="output folder (default: qgrad-demo)")
     p.add_argument("--seed", type=int, default=0, help="seed of every run (default: 0)")
