@@ -1,0 +1,213 @@
+"""Cost of a training step with the gradient-l1 penalty, per mode, relative to a plain step.
+
+One step is ``zero_grad``, forward, backward (with the penalty), ``SGD.step`` on random CIFAR-sized data.
+Modes (``lambda_w = lambda_y = 0.05``, BatchNorm in training mode):
+
+* ``plain``: ``loss.backward()``;
+* ``exact_autograd``: the exact penalty as a user would write it in plain PyTorch -- layer-input hooks,
+  ``torch.autograd.grad(..., create_graph=True)``, ``vector_norm`` per tensor, autograd's double backward
+  through torch's BatchNorm and convolution (what ``L1GradPenalty(fused_batchnorm=False, fused_conv=False)``
+  runs, minus qgrad's fused l1 norms);
+* ``exact_qgrad``: ``L1GradPenalty`` (fused BatchNorm and convolution double backward, fused l1 norms);
+* ``every4``: ``L1GradPenalty(every=4)``: the time of 4 consecutive steps (one penalized, three plain) / 4;
+* ``worst_case``: ``L1GradPenalty(method="worst-case")`` (h = 1e-3).
+
+Sizes: on a CPU width 0.25, batch 32 (float32); with CUDA full width, batch 128, float32 and bfloat16
+autocast.
+Each result's ``extra_info`` holds ``ratio_to_plain``: the median step time over the median of plain steps
+measured in the same test right before and right after (so slow drifts of a shared machine cancel), and the
+peak memory with its ratio to the plain step's:
+
+* CUDA: ``torch.cuda.max_memory_allocated`` over the timed steps;
+* CPU: PyTorch keeps no CPU allocator statistics (and ``tracemalloc`` does not see its allocations), so the
+  peak is measured in a fresh subprocess per (model, mode): after one warm-up step, the high-water mark of
+  the resident set size (``VmHWM``, reset through ``/proc/self/clear_refs``) over 3 steps minus the resident
+  size before them (``peak_rss_mb``): what a step adds on top of the model, its gradients and the optimizer
+  state, with glibc told to unmap every block of 128 KiB or more when it is freed, so that the resident size
+  follows the live tensors (Linux only). Cross-checked against the allocation timeline of
+  ``torch.profiler(profile_memory=True)``: 36 MB for a plain ResNet-18 step at width 0.25, batch 32.
+
+    pytest benchmarks/test_penalty_step.py --benchmark-only
+    QGRAD_BENCH_THREADS=1 pytest benchmarks/test_penalty_step.py --benchmark-only   # torch threads
+    python benchmarks/test_penalty_step.py --peak-rss resnet18 exact_qgrad    # one CPU memory measurement
+"""
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import qgrad.models
+from qgrad.penalties import L1GradPenalty
+
+if os.environ.get("QGRAD_BENCH_THREADS"):  # e.g. 1 on a shared machine, where threads wait for each other
+    torch.set_num_threads(int(os.environ["QGRAD_BENCH_THREADS"]))
+CUDA = torch.cuda.is_available()
+DEVICE = torch.device("cuda" if CUDA else "cpu")
+WIDTH, BATCH = (1.0, 128) if CUDA else (0.25, 32)
+MODELS = ["vgg_like", "resnet18"]
+MODES = ["exact_autograd", "exact_qgrad", "every4", "worst_case"]
+DTYPES = ["float32", "bfloat16"] if CUDA else ["float32"]
+LAMBDA = 0.05
+ROUNDS = 5
+_PLAIN_RSS = {}
+
+
+def _sync():
+    if CUDA:
+        torch.cuda.synchronize()
+
+
+def _autocast(dtype):
+    if dtype == "bfloat16":
+        return torch.autocast(DEVICE.type, dtype=torch.bfloat16)
+    return torch.autocast(DEVICE.type, enabled=False)
+
+
+class _AutogradPenalty:
+    """The exact gradient-l1 penalty written with plain PyTorch ops (the baseline of this benchmark)."""
+
+    def __init__(self, model):
+        self.layers = [m for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+        self.acts = []
+        for layer in self.layers:
+            layer.register_forward_pre_hook(self._record)
+
+    def _record(self, module, args):
+        # a tensor read by two layers (a ResNet block input: conv1 and the shortcut) is one activation
+        if torch.is_grad_enabled() and args[0].requires_grad and all(a is not args[0] for a in self.acts):
+            self.acts.append(args[0])
+
+    def backward(self, loss, closure=None):
+        weights = [m.weight for m in self.layers]
+        grads = torch.autograd.grad(loss, weights + self.acts, create_graph=True)
+        reg = LAMBDA * sum(torch.linalg.vector_norm(g, 1) for g in grads)
+        (loss + reg).backward()
+        self.acts = []
+
+
+def _setup(name, mode, dtype):
+    torch.manual_seed(0)
+    model = qgrad.models.get(name, num_classes=10, width=WIDTH, in_channels=3).to(DEVICE).train()
+    x = torch.randn(BATCH, 3, 32, 32, device=DEVICE)
+    y = torch.randint(0, 10, (BATCH,), device=DEVICE)
+    opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
+
+    def loss_fn():
+        with _autocast(dtype):
+            return F.cross_entropy(model(x), y)
+
+    penalty = {
+        "plain": lambda: None,
+        "exact_autograd": lambda: _AutogradPenalty(model),
+        "exact_qgrad": lambda: L1GradPenalty(model, weight=LAMBDA, activation=LAMBDA),
+        "every4": lambda: L1GradPenalty(model, weight=LAMBDA, activation=LAMBDA, every=4),
+        "worst_case": lambda: L1GradPenalty(model, weight=LAMBDA, activation=LAMBDA, method="worst-case"),
+    }[mode]()
+    steps = 4 if mode == "every4" else 1
+
+    def step():
+        for _ in range(steps):
+            opt.zero_grad(set_to_none=True)
+            loss = loss_fn()
+            if penalty is None:
+                loss.backward()
+            else:
+                penalty.backward(loss, loss_fn)
+            opt.step()
+        _sync()
+
+    return step, steps
+
+
+def _median_seconds(fn, repeats, warmup=1):
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return times
+
+
+def _peak_rss_mb(name, mode):
+    """Peak resident memory of 4 steps over the resident size before them, in a fresh process (CPU)."""
+    # glibc keeps freed blocks below its (adaptive) mmap threshold in the heap, so the resident size would
+    # carry the previous step's garbage; a fixed 128 KiB threshold returns every tensor-sized block at free
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "131072", "MALLOC_TRIM_THRESHOLD_": "131072"}
+    out = subprocess.run(
+        [sys.executable, os.path.abspath(__file__), "--peak-rss", name, mode],
+        capture_output=True, text=True, check=True, env=env,
+    )
+    return json.loads(out.stdout.strip().splitlines()[-1])["peak_rss_mb"]
+
+
+def _info(benchmark, name, mode, dtype, extra):
+    benchmark.extra_info.update(
+        model=name, mode=mode, dtype=dtype, width=WIDTH, batch=BATCH, lam=LAMBDA,
+        device=torch.cuda.get_device_name() if CUDA else "cpu", threads=torch.get_num_threads(),
+        torch=torch.__version__, **extra,
+    )
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("mode", ["plain"] + MODES)
+@pytest.mark.parametrize("name", MODELS)
+def test_penalty_step(benchmark, name, mode, dtype):
+    plain_step, _ = _setup(name, "plain", dtype)
+    before = _median_seconds(plain_step, ROUNDS)
+    del plain_step
+    step, steps = _setup(name, mode, dtype)
+    if CUDA:
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+    benchmark.pedantic(step, rounds=ROUNDS, warmup_rounds=1)
+    extra = {}
+    if CUDA:
+        extra["peak_memory_mb"] = torch.cuda.max_memory_allocated() / 2**20
+    del step
+    plain_step, _ = _setup(name, "plain", dtype)
+    plain = statistics.median(before + _median_seconds(plain_step, ROUNDS))
+    if CUDA:
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+        plain_step()
+        extra["plain_peak_memory_mb"] = torch.cuda.max_memory_allocated() / 2**20
+        extra["peak_memory_ratio"] = extra["peak_memory_mb"] / extra["plain_peak_memory_mb"]
+    else:
+        if name not in _PLAIN_RSS:
+            _PLAIN_RSS[name] = _peak_rss_mb(name, "plain")
+        extra["plain_peak_rss_mb"] = _PLAIN_RSS[name]
+        extra["peak_rss_mb"] = _PLAIN_RSS[name] if mode == "plain" else _peak_rss_mb(name, mode)
+        extra["peak_memory_ratio"] = extra["peak_rss_mb"] / extra["plain_peak_rss_mb"]
+    step_s = benchmark.stats.stats.median / steps
+    _info(benchmark, name, mode, dtype, {**extra, "plain_step_s": plain, "step_s": step_s,
+                                         "ratio_to_plain": step_s / plain})
+
+
+def _status_kib(field):
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise RuntimeError(f"{field} not found in /proc/self/status")
+
+
+if __name__ == "__main__" and len(sys.argv) == 4 and sys.argv[1] == "--peak-rss":
+    step_fn, _ = _setup(sys.argv[2], sys.argv[3], "float32")
+    step_fn()  # one-time allocations (oneDNN primitives, optimizer state) are not part of a step's peak
+    base = _status_kib("VmRSS")
+    # writing 5 to clear_refs resets the high-water mark VmHWM (Linux >= 4.0); ru_maxrss cannot be reset and
+    # would report the peak of the imports
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    for _ in range(3):
+        step_fn()
+    print(json.dumps({"peak_rss_mb": (_status_kib("VmHWM") - base) / 1024}))
