@@ -1,6 +1,7 @@
 """Fake-quantization throughput: the fused Triton kernels against the reference and PyTorch's own ops.
 
-Rows: ``impl`` in {triton, reference, torch (``torch.fake_quantize_per_{tensor,channel}_affine``),
+Rows: ``impl`` in {triton, reference, torch_compile (``torch.compile`` of the reference), torch
+(``torch.fake_quantize_per_{tensor,channel}_affine``),
 torch_learnable (``torch._fake_quantize_learnable_per_{tensor,channel}_affine``)}, per-tensor and per-channel
 (axis 0 of a ``(256, numel / 256)`` float32 tensor, the weight layout), forward (``fwd``) and forward +
 backward (``fwd_bwd``; dx, and the scale / zero-point gradients where the op has them).
@@ -15,16 +16,14 @@ Triton interpreter is a correctness tool, not a performance target).
 
     pytest benchmarks/test_fake_quant_kernels.py --benchmark-only
 """
-import importlib
-import importlib.util
-import pathlib
 import statistics
-import sys
 import time
 
 import pytest
 import torch
 
+import qgrad.kernels as K
+import qgrad.kernels.fake_quant as FQ
 from qgrad.reference import fake_quant_backward_ref, fake_quant_ref
 
 CUDA = torch.cuda.is_available()
@@ -32,32 +31,14 @@ DEVICE = torch.device("cuda" if CUDA else "cpu")
 SIZES = [2**20, 2**24, 2**26] if CUDA else [2**20, 2**22]
 CHANNELS = 256
 QMIN, QMAX = -128, 127
-IMPLS = ["triton", "reference", "torch", "torch_learnable"]
+IMPLS = ["triton", "reference", "torch_compile", "torch", "torch_learnable"]
 
 
-def _import_kernels():
-    """``qgrad.kernels``; in a source checkout (not installed) the top-level ``kernels/`` folder by path."""
-    try:
-        return importlib.import_module("qgrad.kernels")
-    except ModuleNotFoundError as exc:
-        if exc.name != "qgrad.kernels":
-            raise
-    folder = pathlib.Path(__file__).resolve().parents[1] / "kernels"
-    spec = importlib.util.spec_from_file_location(
-        "qgrad.kernels", folder / "__init__.py", submodule_search_locations=[str(folder)]
-    )
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["qgrad.kernels"] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-K = _import_kernels()
 _OK, _WHY = K.is_available()
 TRITON_REASON = None
 if not CUDA:
     TRITON_REASON = "no CUDA device: the Triton interpreter is a correctness tool, not a performance target"
-elif not _OK or importlib.import_module("qgrad.kernels.fake_quant")._INTERPRETED:
+elif not _OK or FQ._INTERPRETED:
     TRITON_REASON = f"Triton kernels not compiled for the GPU here: {_WHY}"
 
 
@@ -122,6 +103,18 @@ def _make_fn(impl, mode, x, dy, scale, zp, per_channel):
             return lambda: fake_quant_ref(x, scale, zp, QMIN, QMAX, axis)
         return lambda: (fake_quant_ref(x, scale, zp, QMIN, QMAX, axis),
                         fake_quant_backward_ref(dy, x, scale, zp, QMIN, QMAX, axis, grad_scale))
+    if impl == "torch_compile":
+        # the reference as a user would speed it up without qgrad's kernels: one compiled graph per mode
+        if mode == "fwd":
+            compiled = torch.compile(fake_quant_ref, dynamic=False)
+            return lambda: compiled(x, scale, zp, QMIN, QMAX, axis)
+
+        def fwd_bwd(x, dy, scale, zp):
+            return fake_quant_ref(x, scale, zp, QMIN, QMAX, axis), fake_quant_backward_ref(
+                dy, x, scale, zp, QMIN, QMAX, axis, grad_scale)
+
+        compiled = torch.compile(fwd_bwd, dynamic=False)
+        return lambda: compiled(x, dy, scale, zp)
     if impl == "torch":
         if per_channel:
             zp_int = zp.to(torch.int32)

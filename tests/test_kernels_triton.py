@@ -4,50 +4,18 @@
 ``dscale`` / ``dzp`` are float32 sums in a different order and are compared with a tolerance against a
 float64 sum of the same float32 terms. Without a GPU the kernels run under ``TRITON_INTERPRET=1``.
 """
-import os
-
-import torch
-
-# The interpreter must be chosen before any @triton.jit function is defined; harmless when already set.
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-
-import importlib
-import importlib.util
 import json
-import pathlib
+import os
 import subprocess
 import sys
 
 import pytest
+import torch
 
+import qgrad.kernels as K
+import qgrad.kernels.fake_quant as FQ
 from qgrad.reference import fake_quant_backward_ref, fake_quant_ref
 
-
-def _import_kernels():
-    """``qgrad.kernels``, also in a source checkout where the top-level ``kernels/`` folder is not mapped yet.
-
-    An installed qgrad maps ``kernels/`` to ``qgrad.kernels`` (setup.py ``package_dir``), but running the
-    tests from a repository checkout imports ``qgrad`` from the source tree, where no ``qgrad/kernels``
-    folder exists; the folder is then loaded by path under its package name (it uses relative imports only).
-    """
-    try:
-        return importlib.import_module("qgrad.kernels")
-    except ModuleNotFoundError as exc:
-        if exc.name != "qgrad.kernels":
-            raise
-    folder = pathlib.Path(__file__).resolve().parents[1] / "kernels"
-    spec = importlib.util.spec_from_file_location(
-        "qgrad.kernels", folder / "__init__.py", submodule_search_locations=[str(folder)]
-    )
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["qgrad.kernels"] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-K = _import_kernels()
-FQ = importlib.import_module("qgrad.kernels.fake_quant")
 AVAILABLE, WHY = K.is_available()
 pytestmark = pytest.mark.skipif(not AVAILABLE, reason=f"Triton kernels unavailable: {WHY}")
 INTERPRETED = FQ._INTERPRETED
