@@ -9,6 +9,7 @@ Modes (``lambda_w = lambda_y = 0.05``, BatchNorm in training mode):
   through torch's BatchNorm and convolution (what ``L1GradPenalty(fused_batchnorm=False, fused_conv=False)``
   runs, minus qgrad's fused l1 norms);
 * ``exact_qgrad``: ``L1GradPenalty`` (fused BatchNorm and convolution double backward, fused l1 norms);
+* ``exact_qgrad_weights``: the same on the weights only (``activation=0``);
 * ``every4``: ``L1GradPenalty(every=4)``: the time of 4 consecutive steps (one penalized, three plain) / 4;
 * ``worst_case``: ``L1GradPenalty(method="worst-case")`` (h = 1e-3).
 
@@ -52,7 +53,7 @@ CUDA = torch.cuda.is_available()
 DEVICE = torch.device("cuda" if CUDA else "cpu")
 WIDTH, BATCH = (1.0, 128) if CUDA else (0.25, 32)
 MODELS = ["vgg_like", "resnet18"]
-MODES = ["exact_autograd", "exact_qgrad", "every4", "worst_case"]
+MODES = ["exact_autograd", "exact_qgrad", "exact_qgrad_weights", "every4", "worst_case"]
 DTYPES = ["float32", "bfloat16"] if CUDA else ["float32"]
 LAMBDA = 0.05
 ROUNDS = 5
@@ -107,6 +108,7 @@ def _setup(name, mode, dtype):
         "plain": lambda: None,
         "exact_autograd": lambda: _AutogradPenalty(model),
         "exact_qgrad": lambda: L1GradPenalty(model, weight=LAMBDA, activation=LAMBDA),
+        "exact_qgrad_weights": lambda: L1GradPenalty(model, weight=LAMBDA, activation=0.0),
         "every4": lambda: L1GradPenalty(model, weight=LAMBDA, activation=LAMBDA, every=4),
         "worst_case": lambda: L1GradPenalty(model, weight=LAMBDA, activation=LAMBDA, method="worst-case"),
     }[mode]()

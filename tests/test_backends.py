@@ -163,3 +163,12 @@ def test_auto_on_cpu_never_picks_the_interpreter(monkeypatch):
     monkeypatch.setattr(B, "_AUTO", {})
     monkeypatch.delenv("QGRAD_BACKEND", raising=False)
     assert B.select_backend(torch.randn(4)).name in ("cpp", "torch")
+
+
+def test_batch_norm_kernel_follows_the_backend_switch():
+    from qgrad.ops import batch_norm as bn
+
+    with B.use_backend("torch"):
+        assert bn._cpp_double_backward() is None
+    if qgrad.backends()["cpp"]["available"]:
+        assert bn._cpp_double_backward() is not None

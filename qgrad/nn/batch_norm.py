@@ -24,6 +24,7 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
+from qgrad.nn._swap import swap_classes
 from qgrad.ops.batch_norm import batch_norm
 
 __all__ = ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "convert_batchnorm", "revert_batchnorm"]
@@ -84,17 +85,6 @@ _TWINS = {nn.BatchNorm1d: BatchNorm1d, nn.BatchNorm2d: BatchNorm2d, nn.BatchNorm
 _ORIGINALS = {v: k for k, v in _TWINS.items()}
 
 
-def _swap(model: nn.Module, table: dict) -> nn.Module:
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
-    for m in model.modules():
-        twin = table.get(type(m))
-        if twin is not None:
-            # the twin adds no state and no __init__ logic, so changing the class is a complete conversion
-            m.__class__ = twin
-    return model
-
-
 def convert_batchnorm(model: nn.Module) -> nn.Module:
     """Make every ``nn.BatchNorm1d/2d/3d`` of ``model`` (``model`` itself included) qgrad's twin, in place.
 
@@ -105,7 +95,7 @@ def convert_batchnorm(model: nn.Module) -> nn.Module:
     Returns:
         ``model`` (the same object).
     """
-    return _swap(model, _TWINS)
+    return swap_classes(model, _TWINS)
 
 
 def revert_batchnorm(model: nn.Module) -> nn.Module:
@@ -114,4 +104,4 @@ def revert_batchnorm(model: nn.Module) -> nn.Module:
     Returns:
         ``model`` (the same object).
     """
-    return _swap(model, _ORIGINALS)
+    return swap_classes(model, _ORIGINALS)

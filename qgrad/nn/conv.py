@@ -24,6 +24,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
+from qgrad.nn._swap import swap_classes
 from qgrad.ops.conv import conv
 
 __all__ = ["Conv1d", "Conv2d", "Conv3d", "convert_conv", "revert_conv"]
@@ -72,17 +73,6 @@ _TWINS = {nn.Conv1d: Conv1d, nn.Conv2d: Conv2d, nn.Conv3d: Conv3d}
 _ORIGINALS = {v: k for k, v in _TWINS.items()}
 
 
-def _swap(model: nn.Module, table: dict) -> nn.Module:
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
-    for m in model.modules():
-        twin = table.get(type(m))
-        if twin is not None:
-            # the twin adds no state and no __init__ logic, so changing the class is a complete conversion
-            m.__class__ = twin
-    return model
-
-
 def convert_conv(model: nn.Module) -> nn.Module:
     """Make every ``nn.Conv1d/2d/3d`` of ``model`` (``model`` itself included) qgrad's twin, in place.
 
@@ -93,7 +83,7 @@ def convert_conv(model: nn.Module) -> nn.Module:
     Returns:
         ``model`` (the same object).
     """
-    return _swap(model, _TWINS)
+    return swap_classes(model, _TWINS)
 
 
 def revert_conv(model: nn.Module) -> nn.Module:
@@ -102,4 +92,4 @@ def revert_conv(model: nn.Module) -> nn.Module:
     Returns:
         ``model`` (the same object).
     """
-    return _swap(model, _ORIGINALS)
+    return swap_classes(model, _ORIGINALS)

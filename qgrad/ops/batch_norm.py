@@ -31,6 +31,7 @@ from typing import Optional, Tuple
 
 import torch
 
+from qgrad.ops.dispatch import requested_backend
 from qgrad.reference import batch_norm_double_backward_ref, compute_dtype
 
 __all__ = ["batch_norm", "BatchNormFn", "BatchNormBackwardFn"]
@@ -44,8 +45,11 @@ _cpp_kernel = _CPP_UNLOADED
 
 
 def _cpp_double_backward():
-    """``qgrad._C.batch_norm_double_backward``, or None when the compiled extension is missing or older."""
+    """``qgrad._C.batch_norm_double_backward``, or None when the compiled extension is missing or older, or when
+    ``QGRAD_BACKEND=torch`` / ``use_backend("torch")`` asks for the PyTorch path (same formulas)."""
     global _cpp_kernel
+    if requested_backend() == "torch":
+        return None
     if _cpp_kernel is _CPP_UNLOADED:
         try:
             from qgrad import _C

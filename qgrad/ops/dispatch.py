@@ -35,7 +35,7 @@ import torch
 
 from qgrad.reference import fake_quant_backward_ref, fake_quant_ref
 
-__all__ = ["backends", "use_backend", "select_backend", "Backend", "BACKEND_NAMES"]
+__all__ = ["backends", "use_backend", "select_backend", "requested_backend", "Backend", "BACKEND_NAMES"]
 
 BACKEND_NAMES = ("torch", "cpp", "cuda", "triton")
 _ENV = "QGRAD_BACKEND"
@@ -165,7 +165,8 @@ def _check_name(name: str) -> None:
         raise ValueError(f"unknown qgrad backend {name!r}; choose one of auto, {', '.join(BACKEND_NAMES)}")
 
 
-def _requested() -> str:
+def requested_backend() -> str:
+    """The backend name in force for this thread: use_backend(), else QGRAD_BACKEND, else "auto"."""
     name = getattr(_override, "name", None) or os.environ.get(_ENV, "auto").strip().lower() or "auto"
     _check_name(name)
     return name
@@ -230,7 +231,7 @@ def _auto(device: torch.device) -> Backend:
 
 def select_backend(x: torch.Tensor) -> Backend:
     """The backend that runs fake-quantization of ``x`` (see the module docstring for the rules)."""
-    name = _requested()
+    name = requested_backend()
     if x.dtype == torch.float64:
         return _load("torch")[0]
     if name == "auto":
