@@ -16,11 +16,11 @@ of the same case in the same process. The penalized training step with either Ba
     pytest benchmarks/test_batch_norm.py --benchmark-only
 """
 import statistics
-import time
 
 import pytest
 import torch
 import torch.nn.functional as F
+from _timing import wall_times
 
 import qgrad.models
 import qgrad.ops.batch_norm as bn_ops
@@ -86,17 +86,6 @@ def test_batch_norm_double_backward(benchmark, monkeypatch, shape, training, var
     )
 
 
-def _median_seconds(fn, repeats, warmup=2):
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
-
-
 @pytest.mark.parametrize("bn", ["torch", "qgrad"])
 def test_penalized_resnet18_step(benchmark, bn):
     """ResNet-18 (CPU: width 0.25, batch 32; GPU: width 1, batch 128), 32x32 inputs, BatchNorm in train mode,
@@ -122,7 +111,7 @@ def test_penalized_resnet18_step(benchmark, bn):
         penalty.backward(F.cross_entropy(model(x), y))
         _sync()
 
-    plain_s = _median_seconds(plain, repeats=5)
+    plain_s = statistics.median(wall_times(plain, repeats=5))
     benchmark.pedantic(penalized, rounds=5, warmup_rounds=2)
     penalty.remove()
     benchmark.extra_info.update(

@@ -16,11 +16,9 @@ both timed in the same test with the same timer). Run with a fixed thread count,
     OMP_NUM_THREADS=2 pytest benchmarks/test_fake_quant_cpu.py --benchmark-only
 """
 
-import statistics
-import time
-
 import pytest
 import torch
+from _timing import copy_gbps, median_ms
 
 try:
     from qgrad import _C
@@ -32,28 +30,6 @@ except ImportError as exc:
 
 QMIN, QMAX = -127, 127
 LAYOUTS = {"weight": ((1024, 455, 3, 3), 0), "activation": ((16, 64, 64, 64), 1)}
-
-
-def _median_ms(fn, repeats=9):
-    for _ in range(2):
-        fn()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return 1e3 * statistics.median(times)
-
-
-_COPY_GBPS = {}
-
-
-def _copy_gbps(numel):
-    if numel not in _COPY_GBPS:
-        x = torch.randn(numel)
-        y = torch.empty_like(x)
-        _COPY_GBPS[numel] = 2 * numel * 4 / (_median_ms(lambda: y.copy_(x)) * 1e-3) / 1e9
-    return _COPY_GBPS[numel]
 
 
 def _inputs(layout, per_channel):
@@ -118,7 +94,7 @@ def test_fake_quant_cpu_throughput(benchmark, impl, layout, granularity, mode):
     numel = x.numel()
     passes = 2 if mode == "fwd" else 5
     gbps = passes * numel * 4 / (ms * 1e-3) / 1e9
-    copy = _copy_gbps(numel)
+    copy = copy_gbps(numel)
     info = {
         "impl": impl,
         "layout": layout,
@@ -138,6 +114,6 @@ def test_fake_quant_cpu_throughput(benchmark, impl, layout, granularity, mode):
         "device": "cpu",
     }
     if impl == "qgrad":
-        info["torch_median_ms"] = _median_ms(_torch_fn(mode, x, dy, scale, zp, axis))
-        info["speedup_vs_torch"] = info["torch_median_ms"] / _median_ms(fn)
+        info["torch_median_ms"] = median_ms(_torch_fn(mode, x, dy, scale, zp, axis))
+        info["speedup_vs_torch"] = info["torch_median_ms"] / median_ms(fn)
     benchmark.extra_info.update(info)

@@ -16,11 +16,9 @@ Triton interpreter is a correctness tool, not a performance target).
 
     pytest benchmarks/test_fake_quant_kernels.py --benchmark-only
 """
-import statistics
-import time
-
 import pytest
 import torch
+from _timing import copy_gbps, median_ms
 
 import qgrad.kernels as K
 import qgrad.kernels.fake_quant as FQ
@@ -53,27 +51,7 @@ def _device_ms(fn):
         import triton.testing
 
         return triton.testing.do_bench(fn, warmup=25, rep=200, return_mode="median")
-    for _ in range(2):
-        fn()
-    times = []
-    for _ in range(7):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return 1e3 * statistics.median(times)
-
-
-_COPY_GBPS = {}
-
-
-def _copy_gbps(numel):
-    """Measured bandwidth of ``y.copy_(x)`` (read + write) for float32 tensors of ``numel`` elements."""
-    if numel not in _COPY_GBPS:
-        x = torch.randn(numel, device=DEVICE)
-        y = torch.empty_like(x)
-        ms = _device_ms(lambda: y.copy_(x))
-        _COPY_GBPS[numel] = 2 * numel * x.element_size() / (ms * 1e-3) / 1e9
-    return _COPY_GBPS[numel]
+    return median_ms(fn, repeats=7)
 
 
 def _inputs(numel, per_channel):
@@ -163,7 +141,7 @@ def test_fake_quant_throughput(benchmark, impl, granularity, mode, numel):
         ms = 1e3 * benchmark.stats.stats.median
     passes = 2 if mode == "fwd" else 5
     gbps = passes * numel * x.element_size() / (ms * 1e-3) / 1e9
-    copy = _copy_gbps(numel)
+    copy = copy_gbps(numel, DEVICE, _device_ms)
     benchmark.extra_info.update(
         impl=impl, granularity=granularity, mode=mode, numel=numel, dtype="float32",
         median_ms=ms, timer="triton.testing.do_bench" if CUDA else "pytest-benchmark",

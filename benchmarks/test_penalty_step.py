@@ -37,11 +37,11 @@ import os
 import statistics
 import subprocess
 import sys
-import time
 
 import pytest
 import torch
 import torch.nn.functional as F
+from _timing import wall_times
 from torch import nn
 
 import qgrad.models
@@ -128,17 +128,6 @@ def _setup(name, mode, dtype):
     return step, steps
 
 
-def _median_seconds(fn, repeats, warmup=1):
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return times
-
-
 def _peak_rss_mb(name, mode):
     """Peak resident memory of 4 steps over the resident size before them, in a fresh process (CPU)."""
     # glibc keeps freed blocks below its (adaptive) mmap threshold in the heap, so the resident size would
@@ -164,7 +153,7 @@ def _info(benchmark, name, mode, dtype, extra):
 @pytest.mark.parametrize("name", MODELS)
 def test_penalty_step(benchmark, name, mode, dtype):
     plain_step, _ = _setup(name, "plain", dtype)
-    before = _median_seconds(plain_step, ROUNDS)
+    before = wall_times(plain_step, ROUNDS, warmup=1)
     del plain_step
     step, steps = _setup(name, mode, dtype)
     if CUDA:
@@ -176,7 +165,7 @@ def test_penalty_step(benchmark, name, mode, dtype):
         extra["peak_memory_mb"] = torch.cuda.max_memory_allocated() / 2**20
     del step
     plain_step, _ = _setup(name, "plain", dtype)
-    plain = statistics.median(before + _median_seconds(plain_step, ROUNDS))
+    plain = statistics.median(before + wall_times(plain_step, ROUNDS, warmup=1))
     if CUDA:
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
