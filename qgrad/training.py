@@ -55,6 +55,7 @@ CONFIG_FILE = "config.json"
 METRICS_FILE = "metrics.jsonl"
 
 PENALTIES = ("none", "l1", "l2", "dq")
+METHODS = ("exact", "worst-case")
 # Weight decay when TrainConfig.weight_decay is None: 5e-4 is the usual value for training VGG/ResNet on
 # CIFAR-10 from scratch; 1e-4 is the fixed value the paper uses for its fine-tuning runs (§4.1).
 DEFAULT_WEIGHT_DECAY = 5e-4
@@ -92,6 +93,13 @@ class TrainConfig:
             (the orthogonality regularizer of Defensive Quantization).
         lam: ``λ``; the ℓ1/ℓ2 penalties use it for both the weight and the activation term, ``dq`` as its
             weight.
+        every: ``"l1"`` only: apply the penalty on every ``every``-th step with its weight multiplied by ``every``
+            and take plain steps in between (:class:`qgrad.penalties.L1GradPenalty`'s ``every``).
+        method: ``"l1"`` only: ``"exact"`` (double backward) or ``"worst-case"`` (one extra forward/backward
+            at the worst-case perturbation; a different objective for ReLU networks, see
+            :class:`qgrad.penalties.L1GradPenalty`).
+        bits: ``"worst-case"`` only: tie the perturbation radius to half a bin of a ``bits``-bit grid per
+            tensor; ``None`` uses the penalty's default radius ``h``.
         penalty_epochs: regularize only in the last ``penalty_epochs`` epochs. Ignored when ``init`` is given:
             a run from ``init`` is a fine-tuning phase and regularizes throughout.
         init: a ``checkpoint.pt`` or ``model.pt`` to start from (weights only; fresh optimizer and schedule).
@@ -113,6 +121,9 @@ class TrainConfig:
     weight_decay: Optional[float] = None
     penalty: str = "none"
     lam: float = 0.05
+    every: int = 1
+    method: str = "exact"
+    bits: Optional[int] = None
     penalty_epochs: int = 15
     init: Optional[str] = None
     out: Optional[str] = None
@@ -160,6 +171,21 @@ def _check_config(cfg: TrainConfig) -> None:
         or cfg.penalty_epochs < 0
     ):
         raise ValueError(f"penalty_epochs must be a non-negative int, got {cfg.penalty_epochs!r}")
+    if isinstance(cfg.every, bool) or not isinstance(cfg.every, int) or cfg.every < 1:
+        raise ValueError(f"every must be a positive int, got {cfg.every!r}")
+    if cfg.method not in METHODS:
+        raise ValueError(f"method must be one of {METHODS}, got {cfg.method!r}")
+    if cfg.bits is not None and (
+        isinstance(cfg.bits, bool) or not isinstance(cfg.bits, int) or not 2 <= cfg.bits <= 16
+    ):
+        raise ValueError(f"bits must be an int in [2, 16] or None, got {cfg.bits!r}")
+    if cfg.bits is not None and cfg.method != "worst-case":
+        raise ValueError("bits sets the perturbation of method 'worst-case'; leave it None for 'exact'")
+    if (cfg.every != 1 or cfg.method != "exact") and cfg.penalty != "l1":
+        raise ValueError(
+            f"every and method are options of the l1 penalty; penalty {cfg.penalty!r} takes neither "
+            "(use every=1, method='exact')"
+        )
     if cfg.penalty != "none" and cfg.init is None and cfg.penalty_epochs == 0:
         raise ValueError(
             f"penalty {cfg.penalty!r} with penalty_epochs=0 never regularizes; "
@@ -327,7 +353,9 @@ def _make_penalty(model: nn.Module, cfg: TrainConfig):
     from qgrad.penalties import L1GradPenalty, L2GradPenalty, OrthogonalityPenalty
 
     if cfg.penalty == "l1":
-        return L1GradPenalty(model, weight=cfg.lam, activation=cfg.lam)
+        return L1GradPenalty(
+            model, weight=cfg.lam, activation=cfg.lam, every=cfg.every, method=cfg.method, bits=cfg.bits
+        )
     if cfg.penalty == "l2":
         return L2GradPenalty(model, weight=cfg.lam, activation=cfg.lam)
     return OrthogonalityPenalty(model, weight=cfg.lam)
@@ -443,7 +471,10 @@ def _train_epoch(model, loader, optimizer, scheduler, penalty, device, desc, pro
         if penalty is None:
             loss.backward()
         else:
-            stats = penalty.backward(loss)
+            if getattr(penalty, "method", "exact") == "worst-case":  # recomputes the loss at a moved point
+                stats = penalty.backward(loss, lambda: nn.functional.cross_entropy(model(x), y))
+            else:
+                stats = penalty.backward(loss)
             for k, v in stats.items():
                 if k != "loss":
                     terms[k] = terms.get(k, 0.0) + float(v)

@@ -147,6 +147,35 @@ def test_sweep_of_a_missing_run_is_a_runtime_error(tmp_path, capsys):
     assert str(tmp_path / "nothing") in capsys.readouterr().err
 
 
+def test_quick_demo_with_several_penalty_modes(tmp_path, capsys):
+    out = tmp_path / "demo"
+    argv = ["demo", "--quick", "--width", "0.0625", "--out", str(out), "--no-progress"]
+    assert main(argv + ["--configs", "4,4", "--modes", "every=2", "worst-case:bits=4", "every=2"]) == 0
+    text = capsys.readouterr().out
+    header = (
+        "| config (W,A) | baseline acc | l1 every=2 acc | l1 worst-case:bits=4 acc | baseline KL | "
+        "l1 every=2 KL | l1 worst-case:bits=4 KL |"
+    )
+    assert header in text
+    result = json.loads((out / "demo.json").read_text())
+    assert result["modes"] == {"l1_every2": "every=2", "l1_worst_case_bits4": "worst-case:bits=4"}
+    assert "l1" not in result and not (out / "finetune_l1").exists()
+    for key, settings in (("l1_every2", dict(every=2)), ("l1_worst_case_bits4", dict(method="worst-case", bits=4))):
+        config = json.loads((out / f"finetune_{key}" / "config.json").read_text())
+        assert {k: config[k] for k in settings} == settings
+        assert result[key][1]["accuracy"] != result[key][0]["accuracy"] or result[key][1]["kl"] > 0
+        assert _metrics(out / f"finetune_{key}")[0]["penalty"] is not None
+    # an earlier demo's mode folders count as results to overwrite
+    assert main(argv + ["--modes", "exact"]) == 1
+    assert "finetune_l1_every2" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("mode", ["every=0", "worst-case:bits=1", "fast", "every=two"])
+def test_demo_rejects_unknown_penalty_modes(mode, capsys):
+    assert main(["demo", "--modes", mode]) == 2
+    assert "unknown penalty mode" in capsys.readouterr().err
+
+
 def test_quick_demo(tmp_path, capsys):
     out = tmp_path / "demo"
     argv = ["demo", "--quick", "--width", "0.0625", "--out", str(out), "--no-progress"]

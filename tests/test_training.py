@@ -168,6 +168,26 @@ def test_finetune_from_init_regularizes_throughout(runs, tmp_path, penalty, term
     assert any(not torch.allclose(fresh[k], start[k]) for k in start)
 
 
+@pytest.mark.parametrize("mode", [dict(every=2), dict(method="worst-case"), dict(method="worst-case", bits=4)])
+def test_l1_modes_train_and_differ_from_the_exact_run(runs, tmp_path, mode):
+    init = runs["full"] / "model.pt"
+    common = dict(**TINY, epochs=1, penalty="l1", lam=0.05, penalty_epochs=0, init=str(init))
+    exact = train(TrainConfig(**common, out=str(tmp_path / "exact")), progress=False)
+    result = train(TrainConfig(**common, **mode, out=str(tmp_path / "mode")), progress=False)
+    config = json.loads((tmp_path / "mode" / "config.json").read_text())
+    assert {k: config[k] for k in mode} == mode
+    if "every" in mode:
+        # penalized on steps 0, 2, 4, ... with the weight doubled: the scale averages 2 * ceil(n / 2) / n
+        steps = len(qgrad.data.load("digits").train_y) // TINY["batch_size"]
+        assert result["penalty_terms"]["penalty_scale"] == pytest.approx(2 * ((steps + 1) // 2) / steps)
+    else:
+        assert "penalty_scale" not in result["penalty_terms"]
+    assert result["penalty"] > 0
+    end_exact = torch.load(tmp_path / "exact" / "model.pt", weights_only=True)["model"]
+    end_mode = torch.load(tmp_path / "mode" / "model.pt", weights_only=True)["model"]
+    assert any(not torch.equal(end_exact[k], end_mode[k]) for k in _params(end_exact))
+
+
 def test_unreadable_init_checkpoint_names_the_file(runs, tmp_path):
     garbage = tmp_path / "garbage.pt"
     garbage.write_bytes(b"not a checkpoint at all")
@@ -218,6 +238,16 @@ def test_config_validation():
         train(TrainConfig(penalty="l1", penalty_epochs=0, out="x"))
     with pytest.raises(ValueError, match="epochs must be a positive int"):
         train(TrainConfig(epochs=0, out="x"))
+    with pytest.raises(ValueError, match="every must be a positive int"):
+        train(TrainConfig(penalty="l1", every=0, out="x"))
+    with pytest.raises(ValueError, match="method must be one of"):
+        train(TrainConfig(penalty="l1", method="fast", out="x"))
+    with pytest.raises(ValueError, match="options of the l1 penalty"):
+        train(TrainConfig(penalty="l2", every=2, out="x"))
+    with pytest.raises(ValueError, match="leave it None for 'exact'"):
+        train(TrainConfig(penalty="l1", bits=4, out="x"))
+    with pytest.raises(ValueError, match=r"bits must be an int in \[2, 16\]"):
+        train(TrainConfig(penalty="l1", method="worst-case", bits=1, out="x"))
     with pytest.raises(ValueError, match="unknown TrainConfig fields"):
         TrainConfig.from_dict({"lr": 0.1, "learning_rate": 0.1})
 

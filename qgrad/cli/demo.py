@@ -4,8 +4,9 @@ Steps (all deterministic under ``--seed``):
 
 1. train a baseline VGG-like (narrow) on digits without a penalty;
 2. continue the baseline for F epochs of plain fine-tuning, and separately fine-tune it for the same F
-   epochs with the gradient-l1 penalty, so both models have seen the same number of epochs;
-3. quantize both after training (symmetric uniform, activation ranges from BatchNorm) at falling bit-widths
+   epochs with the gradient-l1 penalty -- once per penalty mode of ``--modes`` (``exact``, ``every=K``,
+   ``worst-case``, ``worst-case:bits=B``) -- so every model has seen the same number of epochs;
+3. quantize them after training (symmetric uniform, activation ranges from BatchNorm) at falling bit-widths
    and evaluate them on the test split: accuracy and KL(p_float || p_quant).
 """
 
@@ -23,7 +24,7 @@ from qgrad.cli.sweep import config_label, parse_config, run_sweep, with_float_fi
 # (W, A) from the common 8/8 and the paper's 4-bit activations down to where a plain model breaks.
 CONFIGS = ((8, 8), (8, 4), (6, 4), (4, 4), (4, 3), (3, 3), (3, 2), (2, 2))
 QUICK_CONFIGS = ((8, 4), (4, 4), (3, 3))
-SUBDIRS = ("baseline", "finetune", "finetune_l1")
+MODES = ("exact",)
 RESULT_FILE = "demo.json"
 
 MODEL, DATASET = "vgg_like", "digits"
@@ -70,6 +71,15 @@ def add_parser(sub, parents) -> None:
         metavar="W,A",
         help="bit-width pairs to sweep (default: " + " ".join(config_label(c) for c in CONFIGS) + ")",
     )
+    p.add_argument(
+        "--modes",
+        nargs="+",
+        type=parse_mode,
+        default=None,
+        metavar="MODE",
+        help="penalty modes to fine-tune with, one run each: exact, every=K, worst-case, worst-case:bits=B "
+        "(default: exact)",
+    )
     p.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda, cuda:N")
     p.add_argument(
         "--quick",
@@ -82,8 +92,43 @@ def add_parser(sub, parents) -> None:
     p.set_defaults(run=run)
 
 
+def parse_mode(text: str) -> dict:
+    """``"exact"``, ``"every=K"``, ``"worst-case"`` or ``"worst-case:bits=B"`` -> the l1 settings of
+    :class:`qgrad.training.TrainConfig` (``every``, ``method``, ``bits``) plus the mode's ``name`` (its
+    label and the suffix of its run directory)."""
+    t = text.strip().lower()
+    try:
+        if t == "exact":
+            return {"name": "exact", "every": 1, "method": "exact", "bits": None}
+        if t.startswith("every="):
+            k = int(t[len("every="):])
+            if k >= 1:
+                return {"name": f"every={k}", "every": k, "method": "exact", "bits": None}
+        if t == "worst-case":
+            return {"name": "worst-case", "every": 1, "method": "worst-case", "bits": None}
+        if t.startswith("worst-case:bits="):
+            b = int(t[len("worst-case:bits="):])
+            if 2 <= b <= 16:
+                return {"name": f"worst-case:bits={b}", "every": 1, "method": "worst-case", "bits": b}
+    except ValueError:
+        pass
+    raise argparse.ArgumentTypeError(
+        f"unknown penalty mode {text!r}: use exact, every=K (K >= 1), worst-case or worst-case:bits=B "
+        "(B in [2, 16])"
+    )
+
+
+def _run_key(mode: dict) -> str:
+    """``l1`` for the exact mode (the demo's default), else ``l1_every4``, ``l1_worst_case``, ..."""
+    if mode["name"] == "exact":
+        return "l1"
+    slug = mode["name"].replace("worst-case", "worst_case").replace(":bits=", "_bits").replace("=", "")
+    return f"l1_{slug}"
+
+
 def _prepare_out(out: Path, overwrite: bool) -> None:
-    existing = [out / name for name in (*SUBDIRS, RESULT_FILE) if (out / name).exists()]
+    known = [p.name for p in out.glob("finetune_l1*")] if out.is_dir() else []
+    existing = [out / name for name in ("baseline", "finetune", *known, RESULT_FILE) if (out / name).exists()]
     if existing and not overwrite:
         raise FileExistsError(
             f"{out} already holds demo results ({', '.join(p.name for p in existing)}); "
@@ -97,18 +142,17 @@ def _prepare_out(out: Path, overwrite: bool) -> None:
     out.mkdir(parents=True, exist_ok=True)
 
 
-def markdown_table(configs, base_rows, l1_rows) -> str:
-    """One row per configuration: accuracies (percent) and KL(p_float || p_quant) of both models."""
-    lines = [
-        "| config (W,A) | baseline acc | l1 acc | baseline KL | l1 KL |",
-        "| --- | ---: | ---: | ---: | ---: |",
-    ]
-    for config, b, r in zip(configs, base_rows, l1_rows):
-        kl = "-" if config == (None, None) else None
-        lines.append(
-            f"| {config_label(config)} | {b['accuracy']:.2f} | {r['accuracy']:.2f} | "
-            f"{kl or format(b['kl'], '.4f')} | {kl or format(r['kl'], '.4f')} |"
-        )
+def markdown_table(configs, base_rows, runs) -> str:
+    """One row per configuration: accuracies (percent) and KL(p_float || p_quant) of the baseline and of each
+    penalized run. ``runs``: ``[(label, rows)]`` in column order."""
+    labels = ["baseline"] + [label for label, _ in runs]
+    columns = [base_rows] + [rows for _, rows in runs]
+    head = " | ".join(f"{label} acc" for label in labels) + " | " + " | ".join(f"{label} KL" for label in labels)
+    lines = [f"| config (W,A) | {head} |", "| --- |" + " ---: |" * (2 * len(labels))]
+    for i, config in enumerate(configs):
+        accs = [f"{rows[i]['accuracy']:.2f}" for rows in columns]
+        kls = ["-" if config == (None, None) else f"{rows[i]['kl']:.4f}" for rows in columns]
+        lines.append(f"| {config_label(config)} | " + " | ".join(accs + kls) + " |")
     return "\n".join(lines)
 
 
@@ -173,39 +217,51 @@ def _run(args, out: Path, device, epochs: int, ft_epochs: int, configs) -> int:
                 **common,
             ),
         ),
-        (
-            "finetune_l1",
-            f"fine-tune it {ft_epochs} more epochs with the l1 penalty (lambda {args.lam:g})",
-            TrainConfig(
-                epochs=ft_epochs,
-                lr=FINETUNE_LR,
-                penalty="l1",
-                lam=args.lam,
-                init=str(out / "baseline" / "model.pt"),
-                out=str(out / "finetune_l1"),
-                **common,
-            ),
-        ),
     ]
+    # in the order given, each once
+    modes = list({m["name"]: m for m in (args.modes or [parse_mode(m) for m in MODES])}.values())
+    for mode in modes:
+        key = _run_key(mode)
+        detail = "" if mode["name"] == "exact" else f", {mode['name']}"
+        stages.append(
+            (
+                key,
+                f"fine-tune it {ft_epochs} more epochs with the l1 penalty (lambda {args.lam:g}{detail})",
+                TrainConfig(
+                    epochs=ft_epochs,
+                    lr=FINETUNE_LR,
+                    penalty="l1",
+                    lam=args.lam,
+                    every=mode["every"],
+                    method=mode["method"],
+                    bits=mode["bits"],
+                    init=str(out / "baseline" / "model.pt"),
+                    out=str(out / f"finetune_{key}"),
+                    **common,
+                ),
+            )
+        )
+    total = len(stages) + 1
     summary = {}
     for i, (key, text, config) in enumerate(stages, 1):
         t0 = time.perf_counter()
         result = train(config, progress=progress)
         summary[key] = {"test_acc": result["test_acc"], "seconds": time.perf_counter() - t0}
-        print(f"[{i}/4] {text}: test acc {result['test_acc']:.2f}% ({summary[key]['seconds']:.0f} s)")
+        print(f"[{i}/{total}] {text}: test acc {result['test_acc']:.2f}% ({summary[key]['seconds']:.0f} s)")
 
     t0 = time.perf_counter()
     rows = {}
-    for key in ("finetune", "finetune_l1"):
-        model, _ = load_model(out / key, device=device)
+    for key, _, config in stages[1:]:
+        model, _ = load_model(config.out, device=device)
         rows[key] = run_sweep(model, dataset, configs[1:], device=device, progress=False)
     labels = " ".join(config_label(c) for c in configs[1:])
     print(
-        f"[4/4] quantize both after training (BatchNorm ranges) at {labels} "
+        f"[{total}/{total}] quantize the fine-tuned models after training (BatchNorm ranges) at {labels} "
         f"({time.perf_counter() - t0:.0f} s)"
     )
     print()
-    print(markdown_table(configs, rows["finetune"], rows["finetune_l1"]))
+    runs = [("l1" if m["name"] == "exact" else f"l1 {m['name']}", rows[_run_key(m)]) for m in modes]
+    print(markdown_table(configs, rows["finetune"], runs))
     print()
 
     result = {
@@ -217,11 +273,12 @@ def _run(args, out: Path, device, epochs: int, ft_epochs: int, configs) -> int:
         "epochs": epochs,
         "finetune_epochs": ft_epochs,
         "lam": args.lam,
+        "modes": {_run_key(m): m["name"] for m in modes},
         "act_range": "bn",
         "runs": summary,
         "configs": [list(c) for c in configs],
         "baseline": rows["finetune"],
-        "l1": rows["finetune_l1"],
+        **{_run_key(m): rows[_run_key(m)] for m in modes},
         "seconds": time.perf_counter() - t_start,
     }
     path = out / RESULT_FILE

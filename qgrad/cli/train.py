@@ -6,7 +6,7 @@ import argparse
 from pathlib import Path
 
 from qgrad import data, models
-from qgrad.training import CHECKPOINT, PENALTIES, TrainConfig, load_checkpoint, train
+from qgrad.training import CHECKPOINT, METHODS, PENALTIES, TrainConfig, load_checkpoint, train
 
 DEFAULTS = TrainConfig()
 
@@ -28,6 +28,9 @@ _OPTIONS = (
     ),
     ("--penalty", "penalty", str, "gradient penalty: l1 (the paper's), l2, dq (orthogonality), none"),
     ("--lam", "lam", float, "penalty strength lambda (l1/l2: both the weight and the activation term)"),
+    ("--every", "every", int, "l1 only: apply the penalty every N-th step, weighted by N (plain steps between)"),
+    ("--method", "method", str, "l1 only: exact (double backward) or worst-case (one extra forward/backward)"),
+    ("--bits", "bits", int, "worst-case only: perturb each tensor by half a bin of a BITS-bit grid"),
     (
         "--penalty-epochs",
         "penalty_epochs",
@@ -62,11 +65,13 @@ def add_parser(sub, parents) -> None:
         extra = {}
         if field == "penalty":
             extra["choices"] = PENALTIES
+        elif field == "method":
+            extra["choices"] = METHODS
         elif field == "model":
             extra["choices"] = models.names()
         elif field == "dataset":
             extra["choices"] = data.names()
-        shown = "" if field in ("weight_decay", "data_root", "init") else f" (default: {default})"
+        shown = "" if field in ("weight_decay", "data_root", "init", "bits") else f" (default: {default})"
         p.add_argument(flag, dest=field, type=kind, default=None, help=text + shown, **extra)
     p.add_argument("--out", required=True, metavar="RUN_DIR", help="run directory (created if needed)")
     p.add_argument(
