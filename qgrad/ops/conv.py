@@ -11,6 +11,8 @@ on a CPU (oneDNN) costs several times a regular weight gradient. Here the backwa
     d/d x  = dgrad(gy, ggw)                          (an input gradient with ggw as the weight)
     d/d w  = wgrad(ggx, gy)                          (a weight gradient with ggx as the input)
 
+(the last two in one ``convolution_backward`` call with input ``ggx`` and weight ``ggw``)
+
 all through ``aten.convolution`` and ``aten.convolution_backward`` (the kernels of the first-order pass),
 each term computed only when its incoming gradient exists and its output is needed. Measured on one CPU
 thread (CIFAR ResNet-18 / VGG-like at width 0.25, batch 32, exact gradient-l1 penalty on weights and
@@ -74,10 +76,22 @@ class ConvBackwardFn(torch.autograd.Function):
             if ggb is not None:
                 term = ggb.view(1, -1, *([1] * (gy.dim() - 2)))
                 d_gy = term.expand_as(gy).clone() if d_gy is None else d_gy.add_(term)
-        if ggw is not None and ctx.needs_input_grad[1]:
-            d_x = _conv_backward(gy, x, ggw, None, stride, padding, dilation, groups, [True, False, False])[0]
-        if ggx is not None and ctx.needs_input_grad[2]:
-            d_w = _conv_backward(gy, ggx, w, None, stride, padding, dilation, groups, [False, True, False])[1]
+        want_x = ggw is not None and ctx.needs_input_grad[1]
+        want_w = ggx is not None and ctx.needs_input_grad[2]
+        if want_x or want_w:
+            # both are products with gy, so one convolution_backward computes them: its input gradient
+            # dgrad(gy, weight) with weight = ggw, its weight gradient wgrad(input, gy) with input = ggx
+            d_x, d_w, _ = _conv_backward(
+                gy,
+                ggx if want_w else x,
+                ggw if want_x else w,
+                None,
+                stride,
+                padding,
+                dilation,
+                groups,
+                [want_x, want_w, False],
+            )
         return d_gy, d_x, d_w, None, None, None, None, None
 
 

@@ -86,7 +86,8 @@ class MultiL1NormFn(torch.autograd.Function):
     def backward(ctx, grad: torch.Tensor):
         signs = ctx.saved_tensors
         return tuple(
-            s.to(dtype).mul_(grad[i].to(dtype)) if ctx.needs_input_grad[i] else None
+            # int8 times a 0-d tensor of the input's dtype: one pass, the result in that dtype
+            torch.mul(s, grad[i].to(dtype)) if ctx.needs_input_grad[i] else None
             for i, (s, dtype) in enumerate(zip(signs, ctx.dtypes))
         )
 
