@@ -18,6 +18,7 @@
 
 #include "batch_norm.h"
 #include "fake_quant.h"
+#include "l1_norm.h"
 
 namespace qgrad {
 namespace {
@@ -189,6 +190,35 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_double_backward(
 }  // namespace
 }  // namespace qgrad
 
+// ---------------------------------------------------------------------------------------------- l1 norms
+//   l1_norm_sign(tensors, keep_sign) -> (norms, signs)
+//
+// CPU only. tensors: a non-empty list of float32 / float64 / float16 / bfloat16 CPU tensors of any shapes and
+// strides (non-contiguous ones are copied first). norms: float64 (len(tensors),), norms[i] = sum(|tensors[i]|);
+// signs: int8 sign(tensors[i]) shaped like tensors[i] (0 for 0 and NaN), or an empty list without keep_sign.
+namespace qgrad {
+namespace {
+
+std::tuple<at::Tensor, std::vector<at::Tensor>> l1_norm_sign(const std::vector<at::Tensor>& tensors,
+                                                             bool keep_sign) {
+  TORCH_CHECK_VALUE(!tensors.empty(), "tensors is empty; pass at least one tensor");
+  std::vector<at::Tensor> contiguous;
+  contiguous.reserve(tensors.size());
+  for (size_t i = 0; i < tensors.size(); ++i) {
+    const at::Tensor& t = tensors[i];
+    TORCH_CHECK_VALUE(t.defined(), "tensors[", i, "] must be a tensor, got None");
+    TORCH_CHECK_VALUE(t.device().is_cpu(), "tensors[", i, "] must be a CPU tensor, got ", t.device());
+    const auto dt = t.scalar_type();
+    TORCH_CHECK_VALUE(dt == at::kFloat || dt == at::kDouble || dt == at::kHalf || dt == at::kBFloat16, "tensors[",
+                      i, "] must be float32, float64, float16 or bfloat16, got ", dt);
+    contiguous.push_back(t.contiguous());
+  }
+  return l1_norm_sign_cpu(contiguous, keep_sign);
+}
+
+}  // namespace
+}  // namespace qgrad
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "qgrad compiled kernels: fused fake-quantization forward and backward (CPU"
 #ifdef QGRAD_WITH_CUDA
@@ -211,6 +241,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::call_guard<py::gil_scoped_release>(),
         "(dx, dscale, dzero_point) of fake_quant_fwd under the STE / LSQ rules of qgrad.reference, computed in "
         "one pass over x and dy; dscale / dzero_point are None unless requested. Sums are deterministic.");
+  m.def("l1_norm_sign", &qgrad::l1_norm_sign, py::arg("tensors"), py::arg("keep_sign"),
+        "(norms, signs): float64 l1 norm of every tensor of the list and, with keep_sign, its int8 sign, in one "
+        "pass over each tensor (CPU)");
   m.def("batch_norm_double_backward", &qgrad::batch_norm_double_backward, py::arg("ggx"), py::arg("ggw"),
         py::arg("ggb"), py::arg("dy"), py::arg("x"), py::arg("weight"), py::arg("mean"), py::arg("invstd"),
         py::arg("sum_dy"), py::arg("sum_dy_xhat"), py::arg("training"), py::arg("need_dy"), py::arg("need_x"),

@@ -63,7 +63,7 @@ from torch.overrides import TorchFunctionMode
 
 from qgrad.nn.batch_norm import convert_batchnorm, revert_batchnorm
 from qgrad.nn.conv import convert_conv, revert_conv
-from qgrad.ops.l1_norm import multi_l1_norm
+from qgrad.ops.l1_norm import l1_norm_sign, multi_l1_norm
 
 __all__ = ["L1GradPenalty", "L2GradPenalty", "OrthogonalityPenalty"]
 
@@ -562,7 +562,8 @@ class _ActivationShift(TorchFunctionMode):
                 f"activation {self.count} of the closure's forward has shape {tuple(x.shape)}, the first "
                 f"forward recorded {tuple(shape)}; the closure must recompute the same loss on the same batch"
             )
-        shifted = x + sign.to(x.dtype) * rho
+        # one pass: x + rho * sign with the int8 sign read directly
+        shifted = torch.addcmul(x, sign, rho) if isinstance(rho, torch.Tensor) else torch.add(x, sign, alpha=rho)
         self._swap[id(x)] = (x, shifted)  # holding x keeps its id unique while the mode is active
         self.count += 1
         return shifted
@@ -609,9 +610,8 @@ def _store_into(slots: list, i: int):
 
 def _reduce(g: torch.Tensor, keep_sign: bool) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
     """``(||g||_1, sign(g) as int8 or None)``."""
-    with torch.no_grad():
-        sign = torch.sign(g).to(torch.int8) if keep_sign else None
-        return g.abs().sum(dtype=_accumulation_dtype(g)), sign
+    norms, signs = l1_norm_sign([g], keep_sign)
+    return norms[0], (signs[0] if keep_sign else None)
 
 
 def _reduce_into(slots: list, i: int, keep_sign: bool):

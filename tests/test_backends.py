@@ -165,10 +165,18 @@ def test_auto_on_cpu_never_picks_the_interpreter(monkeypatch):
     assert B.select_backend(torch.randn(4)).name in ("cpp", "torch")
 
 
-def test_batch_norm_kernel_follows_the_backend_switch():
-    from qgrad.ops import batch_norm as bn
-
+@pytest.mark.parametrize("kernel", ["batch_norm_double_backward", "l1_norm_sign"])
+def test_cpu_kernels_follow_the_backend_switch(kernel):
     with B.use_backend("torch"):
-        assert bn._cpp_double_backward() is None
+        assert B.cpu_kernel(kernel) is None
     if qgrad.backends()["cpp"]["available"]:
-        assert bn._cpp_double_backward() is not None
+        assert B.cpu_kernel(kernel) is not None
+        with B.use_backend("cpp"):
+            assert B.cpu_kernel(kernel) is not None
+
+
+def test_a_requested_cpp_backend_without_the_kernel_raises(monkeypatch):
+    monkeypatch.setitem(B._CPU_KERNELS, "l1_norm_sign", (None, "the test removed it"))
+    assert B.cpu_kernel("l1_norm_sign") is None  # auto: the callers compute with PyTorch ops
+    with B.use_backend("cpp"), pytest.raises(RuntimeError, match="backend 'cpp' was requested but the test"):
+        B.cpu_kernel("l1_norm_sign")

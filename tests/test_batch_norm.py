@@ -17,8 +17,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from qgrad.nn.batch_norm import BatchNorm1d, BatchNorm2d, BatchNorm3d, convert_batchnorm, revert_batchnorm
-import qgrad.ops.batch_norm as bn_ops
 from qgrad.ops.batch_norm import batch_norm
+from qgrad.ops.dispatch import cpu_kernel
 from qgrad.penalties import L1GradPenalty
 from qgrad.reference import batch_norm_backward_ref, batch_norm_double_backward_ref, batch_norm_ref
 
@@ -32,8 +32,8 @@ SHAPES = [(3, 5, 7, 2), (4, 6), (2, 3, 9), (1, 4, 3, 3), (2, 3, 5, 4), (130, 3),
 def double_backward(request, monkeypatch):
     """Selects the implementation of the fused double backward for the test."""
     if request.param == "torch":
-        monkeypatch.setattr(bn_ops, "_cpp_kernel", None)
-    elif bn_ops._cpp_double_backward() is None:
+        monkeypatch.setenv("QGRAD_BACKEND", "torch")
+    elif cpu_kernel("batch_norm_double_backward") is None:
         pytest.skip("qgrad._C is not built with batch_norm_double_backward (pip install --no-build-isolation .)")
     return request.param
 
@@ -421,7 +421,7 @@ def test_l1_penalty_gradient_unchanged_by_conversion(mode, double_backward):
 
 
 def test_cpp_kernel_rejects_bad_arguments():
-    kernel = bn_ops._cpp_double_backward()
+    kernel = cpu_kernel("batch_norm_double_backward")
     if kernel is None:
         pytest.skip("qgrad._C is not built with batch_norm_double_backward (pip install --no-build-isolation .)")
     x, dy, c = torch.randn(2, 3, 4), torch.randn(2, 3, 4), torch.ones(3)

@@ -1,9 +1,21 @@
-"""Tests for qgrad.ops.l1_norm: ``multi_l1_norm`` against its plain-op reference and a float64 computation."""
+"""Tests for qgrad.ops.l1_norm: ``multi_l1_norm`` against its plain-op reference and a float64 computation, on
+both implementations (the C++ kernel for CPU tensors and the PyTorch ops), and the kernel's own properties."""
 
 import pytest
 import torch
 
-from qgrad.ops.l1_norm import MultiL1NormFn, multi_l1_norm, multi_l1_norm_ref
+from qgrad.ops.dispatch import cpu_kernel
+from qgrad.ops.l1_norm import MultiL1NormFn, l1_norm_sign, multi_l1_norm, multi_l1_norm_ref
+
+
+@pytest.fixture(autouse=True, params=["cpp", "torch"])
+def implementation(request, monkeypatch):
+    """Runs every test of this file with the C++ kernel and with the PyTorch ops."""
+    if request.param == "torch":
+        monkeypatch.setenv("QGRAD_BACKEND", "torch")
+    elif cpu_kernel("l1_norm_sign") is None:
+        pytest.skip("qgrad._C is not built with l1_norm_sign (pip install --no-build-isolation .)")
+    return request.param
 
 SHAPES = [(5, 123, 123), (7,), (3, 1, 5, 9), ()]
 TOL = {torch.float32: 1e-6, torch.float64: 1e-13, torch.bfloat16: 1e-6, torch.float16: 1e-6}
@@ -96,3 +108,35 @@ def test_errors():
         multi_l1_norm([1.0])
     with pytest.raises(TypeError, match="must be a list of tensors"):
         multi_l1_norm(3)
+
+
+def test_chunked_sums_and_signs_are_exact_and_thread_independent(implementation):
+    # 2**16 + 5 elements: two full chunks of the kernel and a short one; tiny tensors and an empty one between
+    g = torch.Generator().manual_seed(3)
+    tensors = [
+        torch.randn(2**16 + 5, generator=g),
+        torch.randn(3, generator=g),
+        torch.empty(0),
+        torch.randn(1, 7, generator=g),
+    ]
+    tensors[0][::7] = 0.0
+    tensors[3][0, 2] = float("nan")
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        norms1, signs1 = l1_norm_sign(tensors, keep_sign=True)
+        torch.set_num_threads(2)
+        norms2, signs2 = l1_norm_sign(tensors, keep_sign=True)
+    finally:
+        torch.set_num_threads(threads)
+    assert norms1[3].isnan() and norms2[3].isnan()
+    if implementation == "cpp":  # fixed chunks reduced in a fixed order; torch's own sum makes no such promise
+        assert torch.equal(norms1[:3], norms2[:3])
+    exact = torch.stack([t.double().abs().sum() for t in tensors[:3]]).float()
+    torch.testing.assert_close(norms1[:3], exact, rtol=1e-6, atol=0)
+    assert norms1[2] == 0
+    for t, s1, s2 in zip(tensors, signs1, signs2):
+        assert s1.dtype == torch.int8 and s1.shape == t.shape and torch.equal(s1, s2)
+        assert torch.equal(s1, torch.sign(t).nan_to_num(0.0).to(torch.int8))
+    assert signs1[3][0, 2] == 0  # NaN has no sign
+    assert l1_norm_sign(tensors, keep_sign=False)[1] is None

@@ -31,7 +31,7 @@ from typing import Optional, Tuple
 
 import torch
 
-from qgrad.ops.dispatch import requested_backend
+from qgrad.ops.dispatch import cpu_kernel
 from qgrad.reference import batch_norm_double_backward_ref, compute_dtype
 
 __all__ = ["batch_norm", "BatchNormFn", "BatchNormBackwardFn"]
@@ -40,26 +40,6 @@ _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
 # --------------------------------------------------------------------------------------------- double backward
-_CPP_UNLOADED = object()
-_cpp_kernel = _CPP_UNLOADED
-
-
-def _cpp_double_backward():
-    """``qgrad._C.batch_norm_double_backward``, or None when the compiled extension is missing or older, or when
-    ``QGRAD_BACKEND=torch`` / ``use_backend("torch")`` asks for the PyTorch path (same formulas)."""
-    global _cpp_kernel
-    if requested_backend() == "torch":
-        return None
-    if _cpp_kernel is _CPP_UNLOADED:
-        try:
-            from qgrad import _C
-        except ImportError:  # the pure-Python install: the torch-op path computes the same formulas
-            _cpp_kernel = None
-        else:
-            _cpp_kernel = getattr(_C, "batch_norm_double_backward", None)
-    return _cpp_kernel
-
-
 def _channel_dims(x: torch.Tensor) -> Tuple[int, ...]:
     return (0,) + tuple(range(2, x.dim()))
 
@@ -231,7 +211,7 @@ class BatchNormBackwardFn(torch.autograd.Function):
                 invstd = torch.rsqrt(var + eps)
             else:
                 mean, invstd = stat_a, stat_b
-            kernel = _cpp_double_backward()
+            kernel = cpu_kernel("batch_norm_double_backward")
             if (
                 kernel is not None
                 and x.device.type == "cpu"

@@ -172,6 +172,30 @@ def requested_backend() -> str:
     return name
 
 
+_CPU_KERNELS: Dict[str, Tuple[Optional[Callable], str]] = {}
+
+
+def cpu_kernel(name: str) -> Optional[Callable]:
+    """``qgrad._C.<name>``, a CPU kernel of an op outside fake quantization (BatchNorm's double backward, the
+    multi-tensor l1 norm), or None when the op should compute with PyTorch ops instead: the extension is not
+    installed or predates the kernel, or the backend in force is ``torch``. Asking for ``cpp`` explicitly
+    (``QGRAD_BACKEND=cpp`` / ``use_backend("cpp")``) when the kernel is missing raises."""
+    requested = requested_backend()
+    if requested == "torch":
+        return None
+    with _LOCK:
+        if name not in _CPU_KERNELS:
+            ext, why = _load_ext()
+            kernel = getattr(ext, name, None) if ext is not None else None
+            if ext is not None and kernel is None:
+                why = f"the installed qgrad._C predates {name}; {_BUILD_HINT}"
+            _CPU_KERNELS[name] = (kernel, why)
+    kernel, why = _CPU_KERNELS[name]
+    if kernel is None and requested == "cpp":
+        raise RuntimeError(f"backend 'cpp' was requested but {why}")
+    return kernel
+
+
 _AUTO: Dict[Tuple[str, Optional[int]], Backend] = {}
 _WARNED: set = set()
 

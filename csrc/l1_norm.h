@@ -1,0 +1,19 @@
+// Interface between the binding (csrc/binding.cpp) and the CPU kernel of the multi-tensor l1 norm with signs.
+//
+// The binding validates the arguments before calling in here: a non-empty list of contiguous CPU tensors, each
+// float32, float64, float16 or bfloat16.
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <tuple>
+#include <vector>
+
+namespace qgrad {
+
+// Returns (norms, signs): norms[i] = sum(|t_i|) as a float64 vector of length len(tensors); signs[i] = sign(t_i)
+// as int8 with t_i's shape (-1, 0, 1; 0 for NaN), or an empty list when keep_sign is false.
+std::tuple<at::Tensor, std::vector<at::Tensor>> l1_norm_sign_cpu(const std::vector<at::Tensor>& tensors,
+                                                                 bool keep_sign);
+
+}  // namespace qgrad
