@@ -520,6 +520,14 @@ def _half_bin(t: torch.Tensor, bits: int, allow_unsigned: bool) -> torch.Tensor:
     return torch.where(t.amin() >= 0, amax / (2**bits - 1), signed) / 2
 
 
+def _plain_twin(module: nn.Module, plain: Optional[bool]) -> None:
+    """Set (True / False) or remove (None) a twin module's ``fused_double_backward = not plain`` override."""
+    if plain is None:
+        module.__dict__.pop("fused_double_backward", None)
+    else:
+        module.fused_double_backward = not plain
+
+
 def _rng_states(model: nn.Module) -> Tuple[torch.Tensor, Dict[int, torch.Tensor]]:
     cuda = {}
     if torch.cuda.is_available() and torch.cuda.is_initialized():
@@ -774,7 +782,9 @@ class L1GradPenalty(_GradNormPenalty):
         for name, flag in (("fused_batchnorm", fused_batchnorm), ("fused_conv", fused_conv)):
             if not isinstance(flag, bool):
                 raise TypeError(f"{name} must be True or False, got {flag!r}")
-        super().__init__(model, weight, activation, params, watch_forward=method == "worst-case")
+        # the start hook also tells the twins, under every > 1, whether the coming step is penalized
+        watch = method == "worst-case" or every > 1
+        super().__init__(model, weight, activation, params, watch_forward=watch)
         self._every = every
         self._method = method
         self._h = h
@@ -782,6 +792,7 @@ class L1GradPenalty(_GradNormPenalty):
         self._calls = 0
         self._second_forward: Optional[object] = None  # set while the worst-case closure runs
         self._rng = None
+        self._twins: List[nn.Module] = []
         # the twins change only second derivatives, which the worst-case method never takes
         if fused_batchnorm and method == "exact":
             self._convert(convert_batchnorm, revert_batchnorm)
@@ -795,7 +806,8 @@ class L1GradPenalty(_GradNormPenalty):
         convert(self.model)
         converted = [m for m in self.model.modules() if type(m) is not before[id(m)]]
         if converted:
-            self._undo.append(lambda: [revert(m) for m in converted])
+            self._twins += converted
+            self._undo.append(lambda: [_plain_twin(m, None) or revert(m) for m in converted])
 
     # ------------------------------------------------------------------ recording
     def _forward_started(self) -> None:
@@ -804,6 +816,14 @@ class L1GradPenalty(_GradNormPenalty):
         self._fresh = True
         if self._method == "worst-case":
             self._rng = _rng_states(self.model)
+        elif self._every > 1:
+            # a forward whose step will be plain runs torch's own BatchNorm and convolution: the twins' autograd
+            # Functions cost Python time and buy nothing without a double backward (if the guess is wrong, e.g.
+            # a forward without a penalty call, a penalized step still gets the exact gradient, through
+            # torch's double backward)
+            plain = self._calls % self._every != 0
+            for m in self._twins:
+                _plain_twin(m, plain)
 
     def _record(self, module: nn.Module, x) -> Optional[torch.Tensor]:
         if isinstance(self._second_forward, _ActivationShift):

@@ -311,6 +311,42 @@ def test_every_k_schedule_values_and_gradients():
         fresh.model.zero_grad(set_to_none=True)
 
 
+def test_every_k_plain_steps_run_torchs_own_batchnorm_and_conv():
+    from qgrad.nn import BatchNorm2d, Conv2d
+
+    k = 3
+    model, x, y = make_small("train_affine_functional")
+    penalty = L1GradPenalty(model, weight=0.1, activation=0.1, every=k)
+    twins = [m for m in model.modules() if isinstance(m, (BatchNorm2d, Conv2d))]
+    assert twins
+    seen = []
+    for call in range(2 * k):
+        out = model(x)
+        seen.append({m.fused_double_backward for m in twins})
+        penalty.backward(F.cross_entropy(out, y))
+    assert seen == [{call % k == 0} for call in range(2 * k)]
+    penalty.remove()
+    assert all("fused_double_backward" not in m.__dict__ for m in twins)
+    assert not any(isinstance(m, (BatchNorm2d, Conv2d)) for m in model.modules())
+
+
+def test_a_twin_running_torchs_functional_still_gives_the_exact_penalty_gradient():
+    # what a wrong guess of L1GradPenalty(every=k) costs: speed (torch's double backward), not exactness
+    from qgrad.nn import BatchNorm2d, Conv2d
+
+    model, x, y = make_small("train_affine_functional")
+    model, x = model.double(), x.double()
+    results = []
+    for fused in (True, False):
+        m = copy.deepcopy(model)
+        penalty = L1GradPenalty(m, weight=0.1, activation=0.1)
+        for t in m.modules():
+            if isinstance(t, (BatchNorm2d, Conv2d)):
+                t.fused_double_backward = fused
+        results.append(grads_of(penalty(F.cross_entropy(m(x), y)), list(m.parameters())))
+    assert rel_err(flat(results[0]), flat(results[1])) <= 1e-12
+
+
 def test_every_argument_errors():
     model, _, _ = make_small("train_affine_functional")
     for bad in (0, -2, 1.5, True, "2"):

@@ -7,7 +7,10 @@ change only the function the forward calls (:func:`qgrad.ops.batch_norm.batch_no
 ``load_state_dict`` in both directions, ``repr``, input-dimension checks, ``momentum=None`` (cumulative
 average), ``track_running_stats=False`` and eval mode. Outputs, first gradients and running statistics are
 bit-identical to torch's module; only the second derivative (what the gradient-norm penalties of
-:mod:`qgrad.penalties` differentiate) runs through the fused closed form.
+:mod:`qgrad.penalties` differentiate) runs through the fused closed form. Setting a module's
+``fused_double_backward`` attribute to False makes it call ``torch.nn.functional.batch_norm`` instead (same
+outputs and first gradients, torch's double backward); :class:`qgrad.penalties.L1GradPenalty` does so for the
+forwards of the plain steps of ``every > 1``.
 
 :func:`convert_batchnorm` turns the torch BatchNorms of an existing model into these classes in place, by
 changing the class of each module object: the modules, their parameters and buffers (the same tensor objects,
@@ -23,6 +26,7 @@ defined in ``torch.nn`` as leaves and would trace into the autograd Function; a 
 from __future__ import annotations
 
 from torch import Tensor, nn
+from torch.nn import functional as F
 
 from qgrad.nn._swap import swap_classes
 from qgrad.ops.batch_norm import batch_norm
@@ -42,7 +46,8 @@ def _forward(self: nn.modules.batchnorm._BatchNorm, input: Tensor) -> Tensor:
     use_batch_stats = self.training or (self.running_mean is None and self.running_var is None)
     # the buffers are passed only where they are read (eval) or updated (training with tracking)
     pass_buffers = not self.training or self.track_running_stats
-    return batch_norm(
+    function = batch_norm if self.fused_double_backward else F.batch_norm
+    return function(
         input,
         self.running_mean if pass_buffers else None,
         self.running_var if pass_buffers else None,
@@ -61,6 +66,7 @@ class BatchNorm1d(nn.BatchNorm1d):
     """
 
     forward = _forward
+    fused_double_backward = True
 
 
 class BatchNorm2d(nn.BatchNorm2d):
@@ -70,6 +76,7 @@ class BatchNorm2d(nn.BatchNorm2d):
     """
 
     forward = _forward
+    fused_double_backward = True
 
 
 class BatchNorm3d(nn.BatchNorm3d):
@@ -79,6 +86,7 @@ class BatchNorm3d(nn.BatchNorm3d):
     """
 
     forward = _forward
+    fused_double_backward = True
 
 
 _TWINS = {nn.BatchNorm1d: BatchNorm1d, nn.BatchNorm2d: BatchNorm2d, nn.BatchNorm3d: BatchNorm3d}

@@ -6,7 +6,9 @@ Everything else is torch's: constructor arguments, parameters, ``state_dict`` ke
 ``padding_mode`` (non-zero modes pad with ``F.pad`` first, as torch does). Outputs and first gradients are
 bit-identical to torch's module; only the second derivative (what the gradient-norm penalties of
 :mod:`qgrad.penalties` differentiate) runs through the direct formulas of :mod:`qgrad.ops.conv`. String
-padding (``"same"``, ``"valid"``) is passed to torch's own forward unchanged.
+padding (``"same"``, ``"valid"``) is passed to torch's own forward unchanged, and so is every input of a module
+whose ``fused_double_backward`` attribute is False (:class:`qgrad.penalties.L1GradPenalty` sets it for the
+forwards of the plain steps of ``every > 1``).
 
 Under autocast the forward casts its floating-point inputs (except float64) to the autocast dtype and
 computes in it, the cast torch's autocast applies to a convolution.
@@ -33,7 +35,7 @@ __all__ = ["Conv1d", "Conv2d", "Conv3d", "convert_conv", "revert_conv"]
 def _conv_forward(
     self: nn.modules.conv._ConvNd, input: Tensor, weight: Tensor, bias: Optional[Tensor]
 ) -> Tensor:
-    if isinstance(self.padding, str):
+    if isinstance(self.padding, str) or not self.fused_double_backward:
         return super(type(self), self)._conv_forward(input, weight, bias)
     padding = self.padding
     if self.padding_mode != "zeros":
@@ -55,18 +57,21 @@ class Conv1d(nn.Conv1d):
     """``torch.nn.Conv1d`` with qgrad's direct double backward; see :mod:`qgrad.nn.conv`."""
 
     _conv_forward = _conv_forward
+    fused_double_backward = True
 
 
 class Conv2d(nn.Conv2d):
     """``torch.nn.Conv2d`` with qgrad's direct double backward; see :mod:`qgrad.nn.conv`."""
 
     _conv_forward = _conv_forward
+    fused_double_backward = True
 
 
 class Conv3d(nn.Conv3d):
     """``torch.nn.Conv3d`` with qgrad's direct double backward; see :mod:`qgrad.nn.conv`."""
 
     _conv_forward = _conv_forward
+    fused_double_backward = True
 
 
 _TWINS = {nn.Conv1d: Conv1d, nn.Conv2d: Conv2d, nn.Conv3d: Conv3d}
