@@ -701,7 +701,10 @@ class L1GradPenalty(_GradNormPenalty):
         and the calls in between are plain steps: ``penalty(loss)`` returns a constant zero (no gradient
         work) and ``backward(loss)`` is ``loss.backward()``. Over ``k`` steps the penalty gradient has the
         same total weight, at an amortized cost of ``1 + (r - 1) / k`` plain steps for a penalized step
-        costing ``r``. ``backward`` reports on every call: ``weight_l1`` / ``activation_l1`` of the step's
+        costing ``r`` (the forwards of plain steps run torch's own BatchNorm and convolution: the model's
+        forward pre-hook sets the twins' ``fused_double_backward`` from the call counter). A penalized step
+        is ``k`` times stronger than one of ``every=1``; with a large ``lambda`` or learning rate that can
+        destabilize training (see the README's mode comparison). ``backward`` reports on every call: ``weight_l1`` / ``activation_l1`` of the step's
         gradients (plain steps read them off their own backward: hooks, no extra pass), ``penalty`` the
         unscaled ``R`` (for ``"worst-case"`` on plain steps: its first-order value
         ``lambda_w * weight_l1 + lambda_y * activation_l1``), and ``penalty_scale``, the factor the penalty
