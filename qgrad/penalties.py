@@ -571,7 +571,9 @@ class _ActivationShift(TorchFunctionMode):
                 f"forward recorded {tuple(shape)}; the closure must recompute the same loss on the same batch"
             )
         # one pass: x + rho * sign with the int8 sign read directly
-        shifted = torch.addcmul(x, sign, rho) if isinstance(rho, torch.Tensor) else torch.add(x, sign, alpha=rho)
+        shifted = (
+            torch.addcmul(x, sign, rho) if isinstance(rho, torch.Tensor) else torch.add(x, sign, alpha=rho)
+        )
         self._swap[id(x)] = (x, shifted)  # holding x keeps its id unique while the mode is active
         self.count += 1
         return shifted
@@ -704,13 +706,14 @@ class L1GradPenalty(_GradNormPenalty):
         costing ``r`` (the forwards of plain steps run torch's own BatchNorm and convolution: the model's
         forward pre-hook sets the twins' ``fused_double_backward`` from the call counter). A penalized step
         is ``k`` times stronger than one of ``every=1``; with a large ``lambda`` or learning rate that can
-        destabilize training (see the README's mode comparison). ``backward`` reports on every call: ``weight_l1`` / ``activation_l1`` of the step's
-        gradients (plain steps read them off their own backward: hooks, no extra pass), ``penalty`` the
-        unscaled ``R`` (for ``"worst-case"`` on plain steps: its first-order value
-        ``lambda_w * weight_l1 + lambda_y * activation_l1``), and ``penalty_scale``, the factor the penalty
-        gradient got on this call (``k`` or 0.0; it averages to 1 over ``k`` calls). A plain step does not
-        check that the recorded activations belong to the loss; the next penalized step does. The counter
-        is not saved with checkpoints: a resumed run starts again at a penalized call.
+        destabilize training (see the README's mode comparison). ``backward`` reports on every call:
+        ``weight_l1`` / ``activation_l1`` of the step's gradients (plain steps read them off their own
+        backward: hooks, no extra pass), ``penalty`` the unscaled ``R`` (for ``"worst-case"`` on plain
+        steps: its first-order value ``lambda_w * weight_l1 + lambda_y * activation_l1``), and
+        ``penalty_scale``, the factor the penalty gradient got on this call (``k`` or 0.0; it averages to 1
+        over ``k`` calls). A plain step does not check that the recorded activations belong to the loss; the
+        next penalized step does. The counter is not saved with checkpoints: a resumed run starts again at a
+        penalized call.
 
         ``method="worst-case"``: one extra forward/backward at the worst-case l_inf perturbation of the
         first-order model, instead of a double backward. With ``g`` the gradients at the current point
@@ -820,10 +823,10 @@ class L1GradPenalty(_GradNormPenalty):
         if self._method == "worst-case":
             self._rng = _rng_states(self.model)
         elif self._every > 1:
-            # a forward whose step will be plain runs torch's own BatchNorm and convolution: the twins' autograd
-            # Functions cost Python time and buy nothing without a double backward (if the guess is wrong, e.g.
-            # a forward without a penalty call, a penalized step still gets the exact gradient, through
-            # torch's double backward)
+            # a forward whose step will be plain runs torch's own BatchNorm and convolution: the twins'
+            # autograd Functions cost Python time and buy nothing without a double backward (if the guess is
+            # wrong, e.g. a forward without a penalty call, a penalized step still gets the exact gradient,
+            # through torch's double backward)
             plain = self._calls % self._every != 0
             for m in self._twins:
                 _plain_twin(m, plain)

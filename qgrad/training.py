@@ -93,8 +93,8 @@ class TrainConfig:
             (the orthogonality regularizer of Defensive Quantization).
         lam: ``λ``; the ℓ1/ℓ2 penalties use it for both the weight and the activation term, ``dq`` as its
             weight.
-        every: ``"l1"`` only: apply the penalty on every ``every``-th step with its weight multiplied by ``every``
-            and take plain steps in between (:class:`qgrad.penalties.L1GradPenalty`'s ``every``).
+        every: ``"l1"`` only: apply the penalty on every ``every``-th step with its weight multiplied by
+            ``every`` and take plain steps in between (:class:`qgrad.penalties.L1GradPenalty`'s ``every``).
         method: ``"l1"`` only: ``"exact"`` (double backward) or ``"worst-case"`` (one extra forward/backward
             at the worst-case perturbation; a different objective for ReLU networks, see
             :class:`qgrad.penalties.L1GradPenalty`).

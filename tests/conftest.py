@@ -6,6 +6,7 @@ imported by pytest ahead of every test module, so this is the one place to decid
 """
 import os
 
+import pytest
 import torch
 
 if not torch.cuda.is_available():
@@ -13,3 +14,15 @@ if not torch.cuda.is_available():
 
 # Two threads is what CI machines have; more only adds contention between pytest workers and OpenMP.
 torch.set_num_threads(min(torch.get_num_threads(), 2))
+
+
+def select_cpu_implementation(kernel: str, implementation: str, monkeypatch) -> str:
+    """For tests run once per implementation of an op with a C++ CPU kernel: ``"torch"`` forces the PyTorch
+    ops (``QGRAD_BACKEND=torch``), ``"cpp"`` needs ``qgrad._C.<kernel>`` and skips the test without it."""
+    from qgrad.ops.dispatch import cpu_kernel
+
+    if implementation == "torch":
+        monkeypatch.setenv("QGRAD_BACKEND", "torch")
+    elif cpu_kernel(kernel) is None:
+        pytest.skip(f"qgrad._C is not built with {kernel} (pip install --no-build-isolation .)")
+    return implementation

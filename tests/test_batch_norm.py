@@ -14,6 +14,7 @@ import pickle
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import select_cpu_implementation
 from torch import nn
 
 from qgrad.nn.batch_norm import BatchNorm1d, BatchNorm2d, BatchNorm3d, convert_batchnorm, revert_batchnorm
@@ -31,11 +32,7 @@ SHAPES = [(3, 5, 7, 2), (4, 6), (2, 3, 9), (1, 4, 3, 3), (2, 3, 5, 4), (130, 3),
 @pytest.fixture(params=["cpp", "torch"])
 def double_backward(request, monkeypatch):
     """Selects the implementation of the fused double backward for the test."""
-    if request.param == "torch":
-        monkeypatch.setenv("QGRAD_BACKEND", "torch")
-    elif cpu_kernel("batch_norm_double_backward") is None:
-        pytest.skip("qgrad._C is not built with batch_norm_double_backward (pip install --no-build-isolation .)")
-    return request.param
+    return select_cpu_implementation("batch_norm_double_backward", request.param, monkeypatch)
 
 
 def _assert_close(actual, expected, rtol, atol, what):

@@ -160,7 +160,8 @@ def test_quick_demo_with_several_penalty_modes(tmp_path, capsys):
     result = json.loads((out / "demo.json").read_text())
     assert result["modes"] == {"l1_every2": "every=2", "l1_worst_case_bits4": "worst-case:bits=4"}
     assert "l1" not in result and not (out / "finetune_l1").exists()
-    for key, settings in (("l1_every2", dict(every=2)), ("l1_worst_case_bits4", dict(method="worst-case", bits=4))):
+    runs = (("l1_every2", dict(every=2)), ("l1_worst_case_bits4", dict(method="worst-case", bits=4)))
+    for key, settings in runs:
         config = json.loads((out / f"finetune_{key}" / "config.json").read_text())
         assert {k: config[k] for k in settings} == settings
         assert result[key][1]["accuracy"] != result[key][0]["accuracy"] or result[key][1]["kl"] > 0

@@ -4,18 +4,15 @@ both implementations (the C++ kernel for CPU tensors and the PyTorch ops), and t
 import pytest
 import torch
 
-from qgrad.ops.dispatch import cpu_kernel
+from conftest import select_cpu_implementation
+
 from qgrad.ops.l1_norm import MultiL1NormFn, l1_norm_sign, multi_l1_norm, multi_l1_norm_ref
 
 
 @pytest.fixture(autouse=True, params=["cpp", "torch"])
 def implementation(request, monkeypatch):
     """Runs every test of this file with the C++ kernel and with the PyTorch ops."""
-    if request.param == "torch":
-        monkeypatch.setenv("QGRAD_BACKEND", "torch")
-    elif cpu_kernel("l1_norm_sign") is None:
-        pytest.skip("qgrad._C is not built with l1_norm_sign (pip install --no-build-isolation .)")
-    return request.param
+    return select_cpu_implementation("l1_norm_sign", request.param, monkeypatch)
 
 SHAPES = [(5, 123, 123), (7,), (3, 1, 5, 9), ()]
 TOL = {torch.float32: 1e-6, torch.float64: 1e-13, torch.bfloat16: 1e-6, torch.float16: 1e-6}
@@ -130,7 +127,7 @@ def test_chunked_sums_and_signs_are_exact_and_thread_independent(implementation)
     finally:
         torch.set_num_threads(threads)
     assert norms1[3].isnan() and norms2[3].isnan()
-    if implementation == "cpp":  # fixed chunks reduced in a fixed order; torch's own sum makes no such promise
+    if implementation == "cpp":  # fixed chunks in a fixed order; torch's own sum makes no such promise
         assert torch.equal(norms1[:3], norms2[:3])
     exact = torch.stack([t.double().abs().sum() for t in tensors[:3]]).float()
     torch.testing.assert_close(norms1[:3], exact, rtol=1e-6, atol=0)

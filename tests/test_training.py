@@ -168,7 +168,9 @@ def test_finetune_from_init_regularizes_throughout(runs, tmp_path, penalty, term
     assert any(not torch.allclose(fresh[k], start[k]) for k in start)
 
 
-@pytest.mark.parametrize("mode", [dict(every=2), dict(method="worst-case"), dict(method="worst-case", bits=4)])
+@pytest.mark.parametrize(
+    "mode", [dict(every=2), dict(method="worst-case"), dict(method="worst-case", bits=4)]
+)
 def test_l1_modes_train_and_differ_from_the_exact_run(runs, tmp_path, mode):
     init = runs["full"] / "model.pt"
     common = dict(**TINY, epochs=1, penalty="l1", lam=0.05, penalty_epochs=0, init=str(init))

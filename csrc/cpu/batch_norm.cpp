@@ -26,6 +26,7 @@
 #include <vector>
 
 #include "../batch_norm.h"
+#include "op_math.h"
 
 namespace qgrad {
 namespace {
@@ -35,15 +36,6 @@ constexpr int64_t kColumnSpan = 4096;  // columns (channels x S) per column task
 constexpr int64_t kFoldRows = 64;      // rows summed in float before folding into double (column tasks)
 constexpr int64_t kFoldElems = 8192;   // elements summed in float lanes before folding into double (segments)
 constexpr int kLanes = 16;             // independent accumulators of a segment
-
-template <typename T>
-struct OpMath {
-  using type = float;
-};
-template <>
-struct OpMath<double> {
-  using type = double;
-};
 
 // Per-channel sums of pass 1, in the order of the header comment.
 enum { kG = 0, kGX, kGDY, kDY, kDYX, kNumSums };

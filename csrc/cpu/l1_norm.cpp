@@ -16,21 +16,13 @@
 #include <vector>
 
 #include "../l1_norm.h"
+#include "op_math.h"
 
 namespace qgrad {
 namespace {
 
 constexpr int64_t kChunk = 1 << 15;  // elements per chunk; a multiple of kLanes
 constexpr int kLanes = 16;           // independent accumulators of a chunk
-
-template <typename T>
-struct Acc {
-  using type = float;
-};
-template <>
-struct Acc<double> {
-  using type = double;
-};
 
 struct Chunk {
   int tensor;
@@ -42,7 +34,7 @@ struct Chunk {
 // stores), which measured 2.5x slower.
 template <typename T>
 double chunk_sum(const T* __restrict__ x, int8_t* __restrict__ sign, int64_t begin, int64_t end) {
-  using A = typename Acc<T>::type;
+  using A = typename OpMath<T>::type;
   A lanes[kLanes] = {};
   int64_t i = begin;
   for (; i + kLanes <= end; i += kLanes) {

@@ -147,7 +147,7 @@ def markdown_table(configs, base_rows, runs) -> str:
     penalized run. ``runs``: ``[(label, rows)]`` in column order."""
     labels = ["baseline"] + [label for label, _ in runs]
     columns = [base_rows] + [rows for _, rows in runs]
-    head = " | ".join(f"{label} acc" for label in labels) + " | " + " | ".join(f"{label} KL" for label in labels)
+    head = " | ".join([f"{label} acc" for label in labels] + [f"{label} KL" for label in labels])
     lines = [f"| config (W,A) | {head} |", "| --- |" + " ---: |" * (2 * len(labels))]
     for i, config in enumerate(configs):
         accs = [f"{rows[i]['accuracy']:.2f}" for rows in columns]

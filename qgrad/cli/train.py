@@ -28,8 +28,8 @@ _OPTIONS = (
     ),
     ("--penalty", "penalty", str, "gradient penalty: l1 (the paper's), l2, dq (orthogonality), none"),
     ("--lam", "lam", float, "penalty strength lambda (l1/l2: both the weight and the activation term)"),
-    ("--every", "every", int, "l1 only: apply the penalty every N-th step, weighted by N (plain steps between)"),
-    ("--method", "method", str, "l1 only: exact (double backward) or worst-case (one extra forward/backward)"),
+    ("--every", "every", int, "l1 only: penalize every N-th step, weighted by N (plain steps between)"),
+    ("--method", "method", str, "l1 only: exact (double backward) or worst-case (extra forward/backward)"),
     ("--bits", "bits", int, "worst-case only: perturb each tensor by half a bin of a BITS-bit grid"),
     (
         "--penalty-epochs",

@@ -6,9 +6,9 @@ Everything else is torch's: constructor arguments, parameters, ``state_dict`` ke
 ``padding_mode`` (non-zero modes pad with ``F.pad`` first, as torch does). Outputs and first gradients are
 bit-identical to torch's module; only the second derivative (what the gradient-norm penalties of
 :mod:`qgrad.penalties` differentiate) runs through the direct formulas of :mod:`qgrad.ops.conv`. String
-padding (``"same"``, ``"valid"``) is passed to torch's own forward unchanged, and so is every input of a module
-whose ``fused_double_backward`` attribute is False (:class:`qgrad.penalties.L1GradPenalty` sets it for the
-forwards of the plain steps of ``every > 1``).
+padding (``"same"``, ``"valid"``) is passed to torch's own forward unchanged, and so is every input of a
+module whose ``fused_double_backward`` attribute is False (:class:`qgrad.penalties.L1GradPenalty` sets it for
+the forwards of the plain steps of ``every > 1``).
 
 Under autocast the forward casts its floating-point inputs (except float64) to the autocast dtype and
 computes in it, the cast torch's autocast applies to a convolution.
