@@ -151,3 +151,33 @@ def test_subclasses_are_left_alone_and_errors():
         conv(torch.ones(2, 3), torch.ones(3, 3))
     with pytest.raises(ValueError, match="stride must be an int or a sequence of 2 ints"):
         conv(torch.ones(1, 1, 4, 4), torch.ones(1, 1, 1, 1), stride=(1, 1, 1))
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_batchnorm_gradient_is_recomputed_not_saved_and_second_order_is_exact(training):
+    # conv -> qgrad BatchNorm: the convolution's backward node keeps no copy of its incoming gradient (the
+    # BatchNorm backward recomputes it bit for bit), and the second derivatives still match PyTorch's
+    from qgrad.ops.batch_norm import batch_norm
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 2, 6, 5, generator=g, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(4, 2, 3, 3, generator=g, dtype=torch.float64, requires_grad=True)
+    gamma = torch.randn(4, generator=g, dtype=torch.float64, requires_grad=True)
+    stats = (
+        torch.randn(4, generator=g, dtype=torch.float64),
+        torch.rand(4, generator=g, dtype=torch.float64) + 0.5,
+    )
+    head = torch.randn(3, 4, 6, 5, generator=g, dtype=torch.float64)
+
+    def grads(conv_fn, bn_fn):
+        y = bn_fn(conv_fn(x, w, None, padding=1), *[s.clone() for s in stats], gamma, None, training)
+        gx, gw = torch.autograd.grad((y * head).sum(), [x, w], create_graph=True)
+        if conv_fn is conv:
+            assert gw.grad_fn.gy_source is not None and gw.grad_fn.saved_tensors[0] is None
+        reg = gx.abs().sum() + gw.square().sum()
+        return torch.autograd.grad(reg, [x, w, gamma])
+
+    ours = grads(conv, batch_norm)
+    expected = grads(F.conv2d, F.batch_norm)
+    for a, b in zip(ours, expected):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)

@@ -6,7 +6,14 @@ import torch
 
 from conftest import select_cpu_implementation
 
-from qgrad.ops.l1_norm import MultiL1NormFn, l1_norm_sign, multi_l1_norm, multi_l1_norm_ref
+from qgrad.ops.l1_norm import (
+    MultiL1NormFn,
+    accept_seeds,
+    add_seeds,
+    l1_norm_sign,
+    multi_l1_norm,
+    multi_l1_norm_ref,
+)
 
 
 @pytest.fixture(autouse=True, params=["cpp", "torch"])
@@ -137,3 +144,40 @@ def test_chunked_sums_and_signs_are_exact_and_thread_independent(implementation)
         assert torch.equal(s1, torch.sign(t).nan_to_num(0.0).to(torch.int8))
     assert signs1[3][0, 2] == 0  # NaN has no sign
     assert l1_norm_sign(tensors, keep_sign=False)[1] is None
+
+
+class _Square(torch.autograd.Function):
+    """``x -> x**2``, a node that takes deferred seeds; it records the gradient its backward received."""
+
+    received = []
+
+    @staticmethod
+    def forward(ctx, x):
+        ctx.save_for_backward(x)
+        accept_seeds(ctx)
+        return x * x
+
+    @staticmethod
+    def backward(ctx, grad):
+        _Square.received.append(grad)
+        (grad,) = add_seeds(ctx, (grad,))
+        (x,) = ctx.saved_tensors
+        return 2 * x * grad
+
+
+def test_seeds_are_deferred_to_nodes_that_accept_them():
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(4, 6, generator=g, dtype=torch.float64, requires_grad=True)
+    z = torch.randn(7, generator=g, dtype=torch.float64, requires_grad=True)
+    coeff = torch.tensor([0.7, -1.3], dtype=torch.float64)
+    _Square.received.clear()
+    out = multi_l1_norm([_Square.apply(x), z * 3])
+    grads = torch.autograd.grad((out * coeff).sum(), [x, z])
+    # the node got a zero-stride zero in place of the seed ...
+    (received,) = _Square.received
+    assert received.stride() == (0, 0) and not received.any()
+    # ... and the gradients are those of the plain-op reference
+    ref = multi_l1_norm_ref([x * x, z * 3])
+    expected = torch.autograd.grad((ref * coeff).sum(), [x, z])
+    for a, b in zip(grads, expected):
+        torch.testing.assert_close(a, b, rtol=1e-14, atol=0)

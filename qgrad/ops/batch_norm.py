@@ -161,22 +161,32 @@ class BatchNormBackwardFn(torch.autograd.Function):
     """
 
     @staticmethod
+    def _native(dy, x, weight, stat_a, stat_b, training, eps):
+        if training:
+            return torch.ops.aten.native_batch_norm_backward(
+                dy, x, weight, None, None, stat_a, stat_b, True, eps, [True, True, True]
+            )
+        return torch.ops.aten.native_batch_norm_backward(
+            dy, x, weight, stat_a, stat_b, None, None, False, eps, [True, True, True]
+        )
+
+    @staticmethod
+    def recompute_output(ctx, index: int) -> torch.Tensor:
+        """Output ``index`` of this node's forward, bit for bit, from what it saved (callable until the node's
+        backward has run). Lets the consumer of ``dx`` (qgrad's convolution backward) not keep a copy."""
+        dy, x, weight, stat_a, stat_b = ctx.saved_tensors
+        return BatchNormBackwardFn._native(dy, x, weight, stat_a, stat_b, ctx.training, ctx.eps)[index]
+
+    @staticmethod
     def forward(ctx, dy, x, weight, stat_a, stat_b, training, eps):
         ctx.sums = (None, None)
+        dx, dw, db = BatchNormBackwardFn._native(dy, x, weight, stat_a, stat_b, training, eps)
         if training:
-            mean, invstd = stat_a, stat_b
-            dx, dw, db = torch.ops.aten.native_batch_norm_backward(
-                dy, x, weight, None, None, mean, invstd, True, eps, [True, True, True]
-            )
             # the training-mode double backward needs sum(dy) and sum(dy * xhat), which are db and dw; they
             # are kept when the native kernel returned them in the compute dtype (low-precision parameters
             # get low-precision sums, which are then recomputed in float32)
             if dw.dtype == compute_dtype(x.dtype):
                 ctx.sums = (db.detach(), dw.detach())
-        else:
-            dx, dw, db = torch.ops.aten.native_batch_norm_backward(
-                dy, x, weight, stat_a, stat_b, None, None, False, eps, [True, True, True]
-            )
         ctx.save_for_backward(dy, x, weight, stat_a, stat_b)
         ctx.training, ctx.eps = training, eps
         ctx.set_materialize_grads(False)

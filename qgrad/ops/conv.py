@@ -31,6 +31,8 @@ from typing import List, Optional, Sequence, Union
 import torch
 from torch.autograd.function import once_differentiable
 
+from qgrad.ops.l1_norm import accept_seeds, add_seeds
+
 __all__ = ["conv", "ConvFn", "ConvBackwardFn"]
 
 _aten = torch.ops.aten
@@ -49,36 +51,51 @@ def _conv_backward(gy, x, w, bias_size, stride, padding, dilation, groups, mask)
     )
 
 
+def _recomputable(t: torch.Tensor):
+    """``(node, index)`` when ``t`` is output ``index`` of a custom autograd node that can recompute it
+    (its Function defines ``recompute_output(ctx, index)``, e.g. qgrad's BatchNorm backward), else None."""
+    node = t.grad_fn
+    function = getattr(type(node), "_forward_cls", None)
+    if function is None or not hasattr(function, "recompute_output"):
+        return None
+    return node, t.output_nr
+
+
 class ConvBackwardFn(torch.autograd.Function):
     """``(gy, x, w) -> (gx, gw, gb)`` (None where not requested by ``mask``); backward as in the module
-    docstring."""
+    docstring. It accepts the deferred l1 seeds of :mod:`qgrad.ops.l1_norm` for its outputs."""
 
     @staticmethod
     def forward(ctx, gy, x, w, mask, stride, padding, dilation, groups):
         bias_size = [w.shape[0]] if mask[2] else None
         gx, gw, gb = _conv_backward(gy, x, w, bias_size, stride, padding, dilation, groups, list(mask))
-        ctx.save_for_backward(gy, x, w)
+        # gy is usually the input gradient of a BatchNorm that follows the convolution: its node can
+        # recompute it exactly (one elementwise pass) when this node's backward needs it, which saves keeping
+        # a second copy of an activation-sized gradient through the double backward
+        ctx.gy_source = _recomputable(gy)
+        ctx.gy_shape = gy.shape
+        ctx.save_for_backward(gy if ctx.gy_source is None else None, x, w)
         ctx.args = (stride, padding, dilation, groups)
+        # outputs nobody differentiates arrive as None rather than as materialized zeros
+        ctx.set_materialize_grads(False)
+        accept_seeds(ctx)
         return gx, gw, gb
 
     @staticmethod
     @once_differentiable
     def backward(ctx, ggx, ggw, ggb):
+        ggx, ggw, ggb = add_seeds(ctx, (ggx, ggw, ggb))
         gy, x, w = ctx.saved_tensors
         stride, padding, dilation, groups = ctx.args
-        d_gy = d_x = d_w = None
-        if ctx.needs_input_grad[0]:
-            if ggx is not None:
-                d_gy = _conv(ggx, w, None, stride, padding, dilation, groups)
-            if ggw is not None:
-                term = _conv(x, ggw, None, stride, padding, dilation, groups)
-                d_gy = term if d_gy is None else d_gy.add_(term)
-            if ggb is not None:
-                term = ggb.view(1, -1, *([1] * (gy.dim() - 2)))
-                d_gy = term.expand_as(gy).clone() if d_gy is None else d_gy.add_(term)
         want_x = ggw is not None and ctx.needs_input_grad[1]
         want_w = ggx is not None and ctx.needs_input_grad[2]
+        d_gy = d_x = d_w = None
+        # the products with gy first, so that gy (recomputed, or saved) is released before the two
+        # activation-sized forward convolutions below are allocated
         if want_x or want_w:
+            if gy is None:
+                node, index = ctx.gy_source
+                gy = type(node)._forward_cls.recompute_output(node, index)
             # both are products with gy, so one convolution_backward computes them: its input gradient
             # dgrad(gy, weight) with weight = ggw, its weight gradient wgrad(input, gy) with input = ggx
             d_x, d_w, _ = _conv_backward(
@@ -92,6 +109,17 @@ class ConvBackwardFn(torch.autograd.Function):
                 groups,
                 [want_x, want_w, False],
             )
+        del gy
+        if ctx.needs_input_grad[0]:
+            if ggx is not None:
+                d_gy = _conv(ggx, w, None, stride, padding, dilation, groups)
+            if ggw is not None:
+                term = _conv(x, ggw, None, stride, padding, dilation, groups)
+                d_gy = term if d_gy is None else d_gy.add_(term)
+                del term
+            if ggb is not None:
+                term = ggb.view(1, -1, *([1] * (len(ctx.gy_shape) - 2)))
+                d_gy = term.expand(ctx.gy_shape).clone() if d_gy is None else d_gy.add_(term)
         return d_gy, d_x, d_w, None, None, None, None, None
 
 
