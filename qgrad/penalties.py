@@ -679,10 +679,13 @@ class L1GradPenalty(_GradNormPenalty):
     Exact method
         ``R`` is differentiated by autograd's double backward. The per-tensor l1 norms of all weight and
         activation gradients are reduced by one call of :func:`qgrad.ops.l1_norm.multi_l1_norm`, which keeps
-        ``sign(g)`` as int8 and hands ``lambda * sign(g)`` back in one pass per tensor. Peak memory of a
-        step (width 0.25, batch 32, CPU): 2.6x (VGG-like) and 2.8x (ResNet-18) a plain step's, against
-        3.3x and 3.5x for the same penalty written with plain PyTorch ops; the double backward has to keep
-        the first-order gradient at every convolution and BatchNorm output on top of the forward's tensors.
+        ``sign(g)`` as int8 and hands ``lambda * sign(g)`` back in one pass per tensor (for gradients made by
+        qgrad's convolution backward, inside that node when it runs). Peak memory of a step (width 0.25,
+        batch 32, CPU): 2.2x (VGG-like) and 2.3x (ResNet-18) a plain step's, against 3.3x and 3.5x for the
+        same penalty written with plain PyTorch ops. The double backward keeps the BatchNorm input gradient
+        of every layer on top of the forward's tensors (the convolutions recompute theirs from it), and then
+        accumulates gradients for the forward's tensors: about 2x is the floor without recomputing the
+        forward (see ``benchmarks/PROFILE.md``).
 
     Fused BatchNorm and convolutions (``fused_batchnorm=True``, ``fused_conv=True``)
         Construction calls :func:`qgrad.nn.batch_norm.convert_batchnorm` and
