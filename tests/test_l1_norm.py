@@ -181,3 +181,12 @@ def test_seeds_are_deferred_to_nodes_that_accept_them():
     expected = torch.autograd.grad((ref * coeff).sum(), [x, z])
     for a, b in zip(grads, expected):
         torch.testing.assert_close(a, b, rtol=1e-14, atol=0)
+    # a retained graph: a second backward through the l1 node gets the seeds again, one that bypasses it
+    # does not see them
+    y = _Square.apply(x)
+    out = multi_l1_norm([y])
+    for _ in range(2):
+        (gx,) = torch.autograd.grad(out.sum(), [x], retain_graph=True)
+        torch.testing.assert_close(gx, 2 * x * torch.sign(x * x), rtol=1e-14, atol=0)
+    (gx,) = torch.autograd.grad(y.sum(), [x])
+    torch.testing.assert_close(gx, 2 * x, rtol=1e-14, atol=0)

@@ -108,13 +108,17 @@ def accept_seeds(ctx) -> None:
 
 
 def add_seeds(ctx, grads: Sequence[Optional[torch.Tensor]]) -> Tuple[Optional[torch.Tensor], ...]:
-    """The incoming gradients of a node's outputs (None for none) plus the deferred seeds left on it."""
+    """The incoming gradients of a node's outputs (None for none) plus the deferred seeds left on it.
+
+    The seeds are consumed: a later backward through the same (retained) graph gets them again only if it
+    passes through the l1 node again, whose backward runs before this node's in every backward call."""
     seeds = getattr(ctx, _SEEDS, None)
     if not seeds:
         return tuple(grads)
     out = list(grads)
     for k, (sign, scale) in seeds.items():
         out[k] = torch.mul(sign, scale) if out[k] is None else torch.addcmul(out[k], sign, scale)
+    seeds.clear()
     return tuple(out)
 
 
