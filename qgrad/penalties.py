@@ -570,10 +570,7 @@ class _ActivationShift(TorchFunctionMode):
                 f"activation {self.count} of the closure's forward has shape {tuple(x.shape)}, the first "
                 f"forward recorded {tuple(shape)}; the closure must recompute the same loss on the same batch"
             )
-        # one pass: x + rho * sign with the int8 sign read directly
-        shifted = (
-            torch.addcmul(x, sign, rho) if isinstance(rho, torch.Tensor) else torch.add(x, sign, alpha=rho)
-        )
+        shifted = sign.to(x.dtype).mul_(rho).add_(x)
         self._swap[id(x)] = (x, shifted)  # holding x keeps its id unique while the mode is active
         self.count += 1
         return shifted
