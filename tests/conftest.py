@@ -17,12 +17,17 @@ torch.set_num_threads(min(torch.get_num_threads(), 2))
 
 
 def select_cpu_implementation(kernel: str, implementation: str, monkeypatch) -> str:
-    """For tests run once per implementation of an op with a C++ CPU kernel: ``"torch"`` forces the PyTorch
-    ops (``QGRAD_BACKEND=torch``), ``"cpp"`` needs ``qgrad._C.<kernel>`` and skips the test without it."""
+    """For tests run once per implementation of an op on CPU tensors: ``"torch"`` forces the PyTorch ops
+    (``QGRAD_BACKEND=torch``); ``"cpp"`` needs ``qgrad._C.<kernel>`` and skips the test without it;
+    ``"triton"`` runs the Triton kernel under the interpreter (``QGRAD_BACKEND=triton``), skipped where Triton
+    cannot run."""
+    from qgrad import kernels
     from qgrad.ops.dispatch import cpu_kernel
 
-    if implementation == "torch":
-        monkeypatch.setenv("QGRAD_BACKEND", "torch")
+    if implementation in ("torch", "triton"):
+        monkeypatch.setenv("QGRAD_BACKEND", implementation)
+        if implementation == "triton" and not kernels.is_available()[0]:
+            pytest.skip(f"Triton cannot run here: {kernels.is_available()[1]}")
     elif cpu_kernel(kernel) is None:
         pytest.skip(f"qgrad._C is not built with {kernel} (pip install --no-build-isolation .)")
     return implementation

@@ -16,9 +16,10 @@ from qgrad.ops.l1_norm import (
 )
 
 
-@pytest.fixture(autouse=True, params=["cpp", "torch"])
+@pytest.fixture(autouse=True, params=["cpp", "triton", "torch"])
 def implementation(request, monkeypatch):
-    """Runs every test of this file with the C++ kernel and with the PyTorch ops."""
+    """Runs every test of this file with the C++ kernel, the Triton kernel (interpreted on a CPU) and the
+    PyTorch ops."""
     return select_cpu_implementation("l1_norm_sign", request.param, monkeypatch)
 
 SHAPES = [(5, 123, 123), (7,), (3, 1, 5, 9), ()]
@@ -190,3 +191,31 @@ def test_seeds_are_deferred_to_nodes_that_accept_them():
         torch.testing.assert_close(gx, 2 * x * torch.sign(x * x), rtol=1e-14, atol=0)
     (gx,) = torch.autograd.grad(y.sum(), [x])
     torch.testing.assert_close(gx, 2 * x, rtol=1e-14, atol=0)
+
+
+def test_each_implementation_is_the_one_that_runs(implementation, monkeypatch):
+    from qgrad import kernels
+    from qgrad.ops import dispatch
+
+    ran = []
+
+    def spy(name, real):
+        return lambda *args: ran.append(name) or real(*args)
+
+    monkeypatch.setattr(kernels, "l1_norm_sign", spy("triton", kernels.l1_norm_sign))
+    kernel = dispatch.cpu_kernel("l1_norm_sign")
+    if kernel is not None:  # the loader's cache is what the op reads
+        monkeypatch.setitem(dispatch._CPU_KERNELS, "l1_norm_sign", (spy("cpp", kernel), ""))
+    multi_l1_norm([torch.randn(3, 4), torch.randn(5)])
+    assert ran == ([] if implementation == "torch" else [implementation])
+
+
+def test_an_explicit_triton_request_that_cannot_run_raises(monkeypatch):
+    from qgrad import kernels
+    from qgrad.ops.dispatch import use_backend
+
+    monkeypatch.setattr(kernels, "is_available", lambda: (False, "the test says no"))
+    with use_backend("triton"), pytest.raises(RuntimeError, match="'triton' was requested but the test says"):
+        multi_l1_norm([torch.randn(3)])
+    with use_backend("auto"):  # falls back to the C++ kernel or the PyTorch ops
+        multi_l1_norm([torch.randn(3)])

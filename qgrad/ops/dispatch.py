@@ -115,7 +115,7 @@ def _load(name: str) -> Tuple[Optional[Backend], str]:
         return _LOADED[name]
 
 
-def _device_problem(name: str, device: torch.device) -> str:
+def device_problem(name: str, device: torch.device) -> str:
     """Why backend ``name`` cannot run tensors on ``device`` ('' when it can)."""
     if name == "cpp" and device.type != "cpu":
         return f"the cpp backend runs CPU tensors, got a tensor on {device}; use QGRAD_BACKEND=cuda or triton"
@@ -225,7 +225,7 @@ def _auto(device: torch.device) -> Backend:
     usable, reasons = [], []
     for name in candidates:
         backend, why = _load(name)
-        why = why or _device_problem(name, device)
+        why = why or device_problem(name, device)
         if backend is None or why:
             reasons.append(f"{name}: {why}")
         else:
@@ -261,7 +261,7 @@ def select_backend(x: torch.Tensor) -> Backend:
     if name == "auto":
         return _auto(x.device)
     backend, why = _load(name)
-    why = why or _device_problem(name, x.device)
+    why = why or device_problem(name, x.device)
     if backend is None or why:
         raise RuntimeError(f"qgrad backend {name!r} was requested but cannot run here: {why}")
     return backend

@@ -13,17 +13,19 @@ the four (float32) that saving ``g_i`` would cost. Nothing else keeps the activa
 point (autograd's double-backward graph does not save them), so the int8 copy is the penalty's only extra
 memory, a quarter of the alternative.
 
-Implementations (:func:`l1_norm_sign`): on CPU tensors the C++ kernel ``qgrad._C.l1_norm_sign``
-(``csrc/cpu/l1_norm.cpp``), one parallel pass over all tensors that reads each element once, accumulates
-``|g|`` and writes the int8 sign; elsewhere (CUDA, or without the compiled extension, or under
-``QGRAD_BACKEND=torch``) ``abs().sum()`` and ``sign().to(int8)`` per tensor. Measured on the 38 gradients of a
-CIFAR ResNet-18 step (width 0.25, batch 32: 5.1 M float32 elements; 2-core Xeon): 4.8 ms for the kernel
-against 6.6 ms for the PyTorch ops on one thread, 2.8 ms against 3.7 ms on two. The backward casts each sign
-tensor to its gradient's dtype and scales it in place.
+Implementations (:func:`l1_norm_sign`), each reading every element once, accumulating ``|g|`` and writing
+the int8 sign, with no temporaries: on CUDA tensors the Triton kernel ``qgrad.kernels.l1_norm_sign``
+(``kernels/l1_norm.py``, one launch for all tensors of a dtype; not yet run on a GPU, tested under
+``TRITON_INTERPRET=1``); on CPU tensors the C++ kernel ``qgrad._C.l1_norm_sign`` (``csrc/cpu/l1_norm.cpp``,
+one parallel loop over all tensors). Where neither can run, or under ``QGRAD_BACKEND=torch``,
+``abs().sum()`` and ``sign().to(int8)`` per tensor. Measured on the 38 gradients of a CIFAR ResNet-18 step
+(width 0.25, batch 32: 5.1 M float32 elements; 2-core Xeon): 4.8 ms for the C++ kernel against 6.6 ms for the
+PyTorch ops on one thread, 2.8 ms against 3.7 ms on two. The backward casts each sign tensor to its
+gradient's dtype and scales it in place.
 
-Deferred seeds: the backward's output for ``g_i`` (``dR/dn_i * sign(g_i)``, the "seed" of the double backward
-at ``g_i``) is a float tensor the size of ``g_i``; handing them all back at once would hold one such tensor per
-activation gradient at the start of the double backward (about 20 MB of a ResNet-18 step at width 0.25, batch
+Deferred seeds: the backward's output for ``g_i`` (``dR/dn_i * sign(g_i)``, the "seed" of the double
+backward at ``g_i``) is a float tensor the size of ``g_i``; handing them all back at once would hold one such
+tensor per activation gradient at the start of the double backward (about 20 MB of a ResNet-18 step at width 0.25, batch
 32). When ``g_i`` was produced by an autograd node that accepts seeds (:func:`accept_seeds`; qgrad's
 convolution backward does), the backward instead leaves ``(int8 sign, scale)`` on that node and returns a
 zero-stride zero for ``g_i``; the node adds ``scale * sign`` to its incoming gradient when it runs
@@ -34,11 +36,11 @@ derivative); the two agree to float rounding in value and gradient.
 """
 from __future__ import annotations
 
-from typing import List, Optional, Sequence, Tuple
+from typing import Callable, List, Optional, Sequence, Tuple
 
 import torch
 
-from qgrad.ops.dispatch import cpu_kernel
+from qgrad.ops.dispatch import cpu_kernel, device_problem, requested_backend
 
 __all__ = ["multi_l1_norm", "multi_l1_norm_ref", "l1_norm_sign", "MultiL1NormFn", "accept_seeds", "add_seeds"]
 
@@ -79,6 +81,27 @@ def _check_tensors(tensors: Sequence[torch.Tensor]) -> List[torch.Tensor]:
     return items
 
 
+def _triton_kernel(device: torch.device) -> Optional[Callable]:
+    """``qgrad.kernels.l1_norm_sign`` for CUDA tensors unless the backend in force is ``torch`` (and for CPU
+    tensors when ``triton`` is requested explicitly, which runs them under Triton's interpreter); None where
+    it is not used or Triton cannot run (the caller then uses the C++ kernel or PyTorch ops). Requesting
+    ``triton`` explicitly when it cannot run raises."""
+    requested = requested_backend()
+    if requested == "torch" or (device.type != "cuda" and requested != "triton"):
+        return None
+    from qgrad import kernels
+
+    ok, why = kernels.is_available()
+    if ok and device.type != "cuda":
+        why = device_problem("triton", device)
+        ok = not why
+    if not ok:
+        if requested == "triton":
+            raise RuntimeError(f"backend 'triton' was requested but {why}")
+        return None
+    return kernels.l1_norm_sign
+
+
 def l1_norm_sign(
     tensors: Sequence[torch.Tensor], keep_sign: bool
 ) -> Tuple[torch.Tensor, Optional[List[torch.Tensor]]]:
@@ -90,8 +113,11 @@ def l1_norm_sign(
     PyTorch path in the result dtype, so the two agree to that dtype's rounding.
     """
     dtype = _result_dtype(tensors)
-    kernel = cpu_kernel("l1_norm_sign") if tensors[0].device.type == "cpu" else None
     with torch.no_grad():
+        triton_kernel = _triton_kernel(tensors[0].device)
+        if triton_kernel is not None:
+            return triton_kernel(tensors, keep_sign, dtype)
+        kernel = cpu_kernel("l1_norm_sign") if tensors[0].device.type == "cpu" else None
         if kernel is not None:
             norms, signs = kernel(list(tensors), keep_sign)
             return norms.to(dtype), (signs if keep_sign else None)

@@ -1,0 +1,97 @@
+"""Triton multi-tensor l1 norm with int8 signs: ``sum(|t_i|)`` and ``sign(t_i)`` for a list of tensors.
+
+Semantics are those of :func:`qgrad.ops.l1_norm.l1_norm_sign`: one norm per tensor (float32 sums for
+float32 / float16 / bfloat16 inputs, float64 for float64) and, with ``keep_sign``, ``sign(t_i)`` as int8 of
+``t_i``'s shape (0 for 0 and for NaN).
+
+How the list is mapped onto one launch per dtype
+------------------------------------------------
+The tensors of one dtype (made contiguous) are described by three small device tables: the address of each
+tensor, the address of its int8 sign buffer and its length. The grid is ``(max_blocks, n_tensors)``: program
+``(b, i)`` reads block ``b`` (``BLOCK`` elements) of tensor ``i``, writes the block's signs and stores the sum
+of ``|t|`` over the block at ``partial[i, b]`` (0 for blocks past the tensor's end, which load nothing). The
+norms are then ``partial.sum(dim=1)``: a fixed-order reduction, so no atomics, deterministic results and no
+host synchronization.
+"""
+from __future__ import annotations
+
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import torch
+import triton
+import triton.language as tl
+
+__all__ = ["l1_norm_sign"]
+
+_BLOCK = 2048
+_POINTER = {
+    torch.float32: tl.float32,
+    torch.float16: tl.float16,
+    torch.bfloat16: tl.bfloat16,
+    torch.float64: tl.float64,
+}
+
+
+@triton.jit
+def _l1_sign_kernel(
+    addr_ptr, sign_addr_ptr, numel_ptr, partial_ptr, max_blocks,
+    DTYPE: tl.constexpr, ACC: tl.constexpr, KEEP_SIGN: tl.constexpr, BLOCK: tl.constexpr,
+):
+    b = tl.program_id(0)
+    i = tl.program_id(1)
+    n = tl.load(numel_ptr + i)
+    x_ptr = tl.load(addr_ptr + i).to(tl.pointer_type(DTYPE))
+    offs = b.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < n
+    x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(ACC)
+    tl.store(partial_ptr + i * max_blocks + b, tl.sum(tl.abs(x), axis=0))
+    if KEEP_SIGN:
+        s_ptr = tl.load(sign_addr_ptr + i).to(tl.pointer_type(tl.int8))
+        sign = (x > 0).to(tl.int8) - (x < 0).to(tl.int8)
+        tl.store(s_ptr + offs, sign, mask=mask)
+
+
+def _launch(items: List[torch.Tensor], keep_sign: bool) -> Tuple[torch.Tensor, List[torch.Tensor]]:
+    """Norms (accumulation dtype) and signs of contiguous tensors that share a dtype and a device."""
+    device, dtype = items[0].device, items[0].dtype
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    signs = [torch.empty(t.shape, dtype=torch.int8, device=device) for t in items] if keep_sign else []
+    max_blocks = max(1, max(triton.cdiv(t.numel(), _BLOCK) for t in items))
+    partial = torch.zeros((len(items), max_blocks), dtype=acc, device=device)
+    addrs = torch.tensor([t.data_ptr() for t in items], dtype=torch.int64, device=device)
+    numels = torch.tensor([t.numel() for t in items], dtype=torch.int64, device=device)
+    sign_addrs = torch.tensor([s.data_ptr() for s in signs] or [0], dtype=torch.int64, device=device)
+    _l1_sign_kernel[(max_blocks, len(items))](
+        addrs,
+        sign_addrs,
+        numels,
+        partial,
+        max_blocks,
+        DTYPE=_POINTER[dtype],
+        ACC=tl.float64 if acc == torch.float64 else tl.float32,
+        KEEP_SIGN=keep_sign,
+        BLOCK=_BLOCK,
+    )
+    return partial.sum(dim=1), signs
+
+
+def l1_norm_sign(
+    tensors: Sequence[torch.Tensor], keep_sign: bool, result_dtype: torch.dtype
+) -> Tuple[torch.Tensor, Optional[List[torch.Tensor]]]:
+    """``(norms, signs)`` for a checked, non-empty list of float tensors on one device (CUDA, or CPU under
+    ``TRITON_INTERPRET=1``): ``norms`` ``(len(tensors),)`` in ``result_dtype``, ``signs`` int8 or None.
+
+    One launch per distinct dtype in the list (usually one); non-contiguous tensors are copied first.
+    """
+    items = [t.contiguous() for t in tensors]
+    groups: Dict[torch.dtype, List[int]] = {}
+    for k, t in enumerate(items):
+        groups.setdefault(t.dtype, []).append(k)
+    norms = torch.empty(len(items), dtype=result_dtype, device=items[0].device)
+    signs: List[Optional[torch.Tensor]] = [None] * len(items)
+    for dtype, index in groups.items():
+        group_norms, group_signs = _launch([items[k] for k in index], keep_sign)
+        norms[index] = group_norms.to(result_dtype)
+        for k, s in zip(index, group_signs):
+            signs[k] = s
+    return norms, (signs if keep_sign else None)
