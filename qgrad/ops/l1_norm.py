@@ -27,8 +27,8 @@ Deferred seeds: the backward's output for ``g_i`` (``dR/dn_i * sign(g_i)``, the 
 backward at ``g_i``) is a float tensor the size of ``g_i``; handing them all back at once would hold one such
 tensor per activation gradient at the start of the double backward (about 20 MB of a ResNet-18 step at
 width 0.25, batch 32). When ``g_i`` was produced by an autograd node that accepts seeds
-(:func:`accept_seeds`; qgrad's convolution backward does), the backward instead leaves ``(int8 sign, scale)`` on that node and returns a
-zero-stride zero for ``g_i``; the node adds ``scale * sign`` to its incoming gradient when it runs
+(:func:`accept_seeds`; qgrad's convolution backward does), the backward instead leaves ``(int8 sign,
+scale)`` on that node and returns a zero-stride zero for ``g_i``; the node adds ``scale * sign`` to its incoming gradient when it runs
 (:func:`add_seeds`), so each seed exists only while its node runs. The result is the same sum.
 
 ``multi_l1_norm_ref`` is the plain-op reference (``linalg.vector_norm`` per tensor, autograd's own
