@@ -28,8 +28,9 @@ backward at ``g_i``) is a float tensor the size of ``g_i``; handing them all bac
 tensor per activation gradient at the start of the double backward (about 20 MB of a ResNet-18 step at
 width 0.25, batch 32). When ``g_i`` was produced by an autograd node that accepts seeds
 (:func:`accept_seeds`; qgrad's convolution backward does), the backward instead leaves ``(int8 sign,
-scale)`` on that node and returns a zero-stride zero for ``g_i``; the node adds ``scale * sign`` to its incoming gradient when it runs
-(:func:`add_seeds`), so each seed exists only while its node runs. The result is the same sum.
+scale)`` on that node and returns a zero-stride zero for ``g_i``; the node adds ``scale * sign`` to its
+incoming gradient when it runs (:func:`add_seeds`), so each seed exists only while its node runs. The result
+is the same sum.
 
 ``multi_l1_norm_ref`` is the plain-op reference (``linalg.vector_norm`` per tensor, autograd's own
 derivative); the two agree to float rounding in value and gradient.
@@ -42,7 +43,14 @@ import torch
 
 from qgrad.ops.dispatch import cpu_kernel, device_problem, requested_backend
 
-__all__ = ["multi_l1_norm", "multi_l1_norm_ref", "l1_norm_sign", "MultiL1NormFn", "accept_seeds", "add_seeds"]
+__all__ = [
+    "multi_l1_norm",
+    "multi_l1_norm_ref",
+    "l1_norm_sign",
+    "MultiL1NormFn",
+    "accept_seeds",
+    "add_seeds",
+]
 
 _SEEDS = "_qgrad_l1_seeds"  # attribute of an autograd node (its ctx) that takes deferred seeds
 
@@ -109,8 +117,8 @@ def l1_norm_sign(
 
     ``norms``: ``(len(tensors),)`` in :func:`_result_dtype` of the list, ``norms[i] = sum(|tensors[i]|)``
     (half-precision summed in float32 or better); ``signs``: ``sign(tensors[i])`` as int8 (0 for 0 and NaN)
-    with ``tensors[i]``'s shape, or None without ``keep_sign``. The C++ kernel sums in double on CPU; the
-    PyTorch path in the result dtype, so the two agree to that dtype's rounding.
+    with ``tensors[i]``'s shape, or None without ``keep_sign``. The C++ kernel sums in double, the Triton
+    kernel in blocks of the result dtype, the PyTorch path in the result dtype: they agree to its rounding.
     """
     dtype = _result_dtype(tensors)
     with torch.no_grad():
@@ -158,7 +166,8 @@ class MultiL1NormFn(torch.autograd.Function):
     """``(t_0, ..., t_{n-1}) -> norms`` of shape ``(n,)``; backward ``grad[i] * sign(t_i)``.
 
     The signs are saved as int8 (one byte per element); the backward casts them to each tensor's dtype and
-    scales them in place, one pass per tensor. The backward is not itself differentiable (the derivative of
+    scales them in place, or defers that to the tensor's producer (see the module docstring). The backward
+    is not itself differentiable (the derivative of
     ``sign`` is 0 almost everywhere), which is all a gradient-norm penalty needs.
     """
 
