@@ -39,6 +39,7 @@ __all__ = [
     "default_grad_scale",
     "fake_quant_backward_ref",
     "fake_quant_ref",
+    "grid_terms",
     "reduce_like",
     "view_param",
 ]
@@ -95,6 +96,32 @@ def fake_quant_ref(
     return ((q - zp) * s).to(x.dtype)
 
 
+def grid_terms(
+    x: torch.Tensor,
+    scale: torch.Tensor,
+    zero_point: torch.Tensor,
+    quant_min: int,
+    quant_max: int,
+    axis: Optional[int],
+    scale_error: bool = True,
+) -> Tuple[torch.Tensor, ...]:
+    """The element terms the gradients of fake quantization are made of, in the compute dtype:
+    ``(s, zp, xs, v, inside, e_s)`` with ``s`` and ``zp`` (rounded) viewed against ``x``, ``xs = x / s``, the
+    unrounded grid position ``v = xs + zp``, ``inside = quant_min <= v <= quant_max`` and the scale's LSQ
+    error ``e_s`` (``round(xs) - xs`` inside, ``quant_min - zp`` below, ``quant_max - zp`` above; None
+    without ``scale_error``)."""
+    cdt = compute_dtype(x.dtype)
+    s = view_param(scale.to(cdt), x, axis)
+    zp = view_param(torch.round(zero_point.to(cdt)), x, axis)
+    xs = x.to(cdt) / s
+    v = xs + zp
+    inside = (v >= quant_min) & (v <= quant_max)
+    if not scale_error:
+        return s, zp, xs, v, inside, None
+    e_s = torch.where(inside, torch.round(xs) - xs, torch.where(v < quant_min, quant_min - zp, quant_max - zp))
+    return s, zp, xs, v, inside, e_s
+
+
 def fake_quant_backward_ref(
     dy: torch.Tensor,
     x: torch.Tensor,
@@ -119,16 +146,9 @@ def fake_quant_backward_ref(
     num_groups = scale.numel() if (axis is not None and scale.dim() == 1) else 1
     if grad_scale is None:
         grad_scale = default_grad_scale(x.numel(), num_groups, quant_max)
-    s = view_param(scale.to(cdt), x, axis)
-    zp = view_param(torch.round(zero_point.to(cdt)), x, axis)
+    s, zp, xs, _, inside, e_s = grid_terms(x, scale, zero_point, quant_min, quant_max, axis)
     g = dy.to(cdt)
-    xs = x.to(cdt) / s
-    v = xs + zp
-    inside = (v >= quant_min) & (v <= quant_max)
-    below = v < quant_min
-
     dx = torch.where(inside, g, torch.zeros_like(g)).to(x.dtype)
-    e_s = torch.where(inside, torch.round(xs) - xs, torch.where(below, quant_min - zp, quant_max - zp))
     dscale = (reduce_like(g * e_s, scale, axis) * grad_scale).to(scale.dtype)
     e_z = torch.where(inside, torch.zeros_like(xs), -s.expand_as(xs))
     dzp = (reduce_like(g * e_z, zero_point, axis) * grad_scale).to(zero_point.dtype)

@@ -17,6 +17,7 @@ from qgrad.reference import (
     default_grad_scale,
     fake_quant_backward_ref,
     fake_quant_ref,
+    grid_terms,
     reduce_like,
     view_param,
 )
@@ -189,12 +190,10 @@ class FakeQuantBackwardFn(torch.autograd.Function):
         dy, x, scale, zero_point = ctx.saved_tensors
         quant_min, quant_max, axis, G = ctx.quant
         cdt = compute_dtype(x.dtype)
-        s = view_param(scale.to(cdt), x, axis)
-        zp = view_param(torch.round(zero_point.to(cdt)), x, axis)
+        s, _, xs, _, inside, e_s = grid_terms(
+            x, scale, zero_point, quant_min, quant_max, axis, scale_error=gds is not None
+        )
         g = dy.to(cdt)
-        xs = x.to(cdt) / s
-        v = xs + zp
-        inside = (v >= quant_min) & (v <= quant_max)
         outside = (~inside).to(cdt)
         m = inside.to(cdt)
 
@@ -205,7 +204,6 @@ class FakeQuantBackwardFn(torch.autograd.Function):
             grad_dy = grad_dy + gdx.to(cdt) * m
         if gds is not None:
             gs = view_param(gds.to(cdt), x, axis) * G
-            e_s = torch.where(inside, torch.round(xs) - xs, torch.where(v < quant_min, quant_min - zp, quant_max - zp))
             grad_dy = grad_dy + gs * e_s
             if grad_x is not None:
                 grad_x = grad_x - gs * g * m / s
