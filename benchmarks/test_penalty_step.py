@@ -56,7 +56,8 @@ MODELS = ["vgg_like", "resnet18"]
 MODES = ["exact_autograd", "exact_qgrad", "exact_qgrad_weights", "every4", "worst_case"]
 DTYPES = ["float32", "bfloat16"] if CUDA else ["float32"]
 LAMBDA = 0.05
-ROUNDS = 5
+# a GPU step takes milliseconds: more rounds, and warm-up for cuDNN's algorithm search and Triton's compiles
+ROUNDS, WARMUP = (20, 3) if CUDA else (5, 1)
 _PLAIN_RSS = {}
 
 
@@ -153,19 +154,19 @@ def _info(benchmark, name, mode, dtype, extra):
 @pytest.mark.parametrize("name", MODELS)
 def test_penalty_step(benchmark, name, mode, dtype):
     plain_step, _ = _setup(name, "plain", dtype)
-    before = wall_times(plain_step, ROUNDS, warmup=1)
+    before = wall_times(plain_step, ROUNDS, warmup=WARMUP)
     del plain_step
     step, steps = _setup(name, mode, dtype)
     if CUDA:
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
-    benchmark.pedantic(step, rounds=ROUNDS, warmup_rounds=1)
+    benchmark.pedantic(step, rounds=ROUNDS, warmup_rounds=WARMUP)
     extra = {}
     if CUDA:
         extra["peak_memory_mb"] = torch.cuda.max_memory_allocated() / 2**20
     del step
     plain_step, _ = _setup(name, "plain", dtype)
-    plain = statistics.median(before + wall_times(plain_step, ROUNDS, warmup=1))
+    plain = statistics.median(before + wall_times(plain_step, ROUNDS, warmup=WARMUP))
     if CUDA:
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()

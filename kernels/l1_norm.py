@@ -6,12 +6,13 @@ float32 / float16 / bfloat16 inputs, float64 for float64) and, with ``keep_sign`
 
 How the list is mapped onto one launch per dtype
 ------------------------------------------------
-The tensors of one dtype (made contiguous) are described by three small device tables: the address of each
-tensor, the address of its int8 sign buffer and its length. The grid is ``(max_blocks, n_tensors)``: program
-``(b, i)`` reads block ``b`` (``BLOCK`` elements) of tensor ``i``, writes the block's signs and stores the sum
-of ``|t|`` over the block at ``partial[i, b]`` (0 for blocks past the tensor's end, which load nothing). The
-norms are then ``partial.sum(dim=1)``: a fixed-order reduction, so no atomics, deterministic results and no
-host synchronization.
+The tensors of one dtype (made contiguous) are described by a small device table (one host-to-device copy)
+with three rows: the address of each tensor, the address of its int8 sign buffer and its length. The grid is
+``(max_blocks, n_tensors)``: program ``(b, i)`` reads block ``b`` (``BLOCK`` elements) of tensor ``i``,
+writes the block's signs and stores the sum of ``|t|`` over the block at ``partial[i, b]`` (0 for blocks
+past the tensor's end, which load nothing). The norms are then ``partial.sum(dim=1)``: a fixed-order
+reduction, so no atomics, deterministic results and no host synchronization. A single tensor (an activation
+gradient reduced in a hook as the backward produces it) skips the table: its pointers are kernel arguments.
 """
 from __future__ import annotations
 
@@ -33,42 +34,65 @@ _POINTER = {
 
 
 @triton.jit
-def _l1_sign_kernel(
-    addr_ptr, sign_addr_ptr, numel_ptr, partial_ptr, max_blocks,
-    DTYPE: tl.constexpr, ACC: tl.constexpr, KEEP_SIGN: tl.constexpr, BLOCK: tl.constexpr,
-):
-    b = tl.program_id(0)
-    i = tl.program_id(1)
-    n = tl.load(numel_ptr + i)
-    x_ptr = tl.load(addr_ptr + i).to(tl.pointer_type(DTYPE))
+def _block_l1_sign(x_ptr, s_ptr, n, b, out_ptr, ACC: tl.constexpr, KEEP_SIGN: tl.constexpr, BLOCK: tl.constexpr):
+    """Block ``b`` of one tensor: stores sum(|x|) over the block at ``out_ptr`` and, with KEEP_SIGN, the
+    block's int8 signs at ``s_ptr``."""
     offs = b.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < n
     x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(ACC)
-    tl.store(partial_ptr + i * max_blocks + b, tl.sum(tl.abs(x), axis=0))
+    tl.store(out_ptr, tl.sum(tl.abs(x), axis=0))
     if KEEP_SIGN:
-        s_ptr = tl.load(sign_addr_ptr + i).to(tl.pointer_type(tl.int8))
         sign = (x > 0).to(tl.int8) - (x < 0).to(tl.int8)
         tl.store(s_ptr + offs, sign, mask=mask)
+
+
+@triton.jit
+def _l1_sign_kernel(
+    table_ptr, n_tensors, partial_ptr, max_blocks,
+    DTYPE: tl.constexpr, ACC: tl.constexpr, KEEP_SIGN: tl.constexpr, BLOCK: tl.constexpr,
+):
+    # table rows: tensor addresses, sign-buffer addresses, lengths (each n_tensors long)
+    b = tl.program_id(0)
+    i = tl.program_id(1)
+    x_ptr = tl.load(table_ptr + i).to(tl.pointer_type(DTYPE))
+    s_ptr = tl.load(table_ptr + n_tensors + i).to(tl.pointer_type(tl.int8))
+    n = tl.load(table_ptr + 2 * n_tensors + i)
+    _block_l1_sign(x_ptr, s_ptr, n, b, partial_ptr + i * max_blocks + b, ACC, KEEP_SIGN, BLOCK)
+
+
+@triton.jit
+def _l1_sign_one_kernel(x_ptr, s_ptr, n, partial_ptr, ACC: tl.constexpr, KEEP_SIGN: tl.constexpr,
+                        BLOCK: tl.constexpr):
+    # one tensor (an activation gradient reduced in a hook): its pointers are arguments, no table to upload
+    b = tl.program_id(0)
+    _block_l1_sign(x_ptr, s_ptr, n, b, partial_ptr + b, ACC, KEEP_SIGN, BLOCK)
 
 
 def _launch(items: List[torch.Tensor], keep_sign: bool) -> Tuple[torch.Tensor, List[torch.Tensor]]:
     """Norms (accumulation dtype) and signs of contiguous tensors that share a dtype and a device."""
     device, dtype = items[0].device, items[0].dtype
     acc = torch.float64 if dtype == torch.float64 else torch.float32
+    acc_tl = tl.float64 if acc == torch.float64 else tl.float32
     signs = [torch.empty(t.shape, dtype=torch.int8, device=device) for t in items] if keep_sign else []
     max_blocks = max(1, max(triton.cdiv(t.numel(), _BLOCK) for t in items))
-    partial = torch.zeros((len(items), max_blocks), dtype=acc, device=device)
-    addrs = torch.tensor([t.data_ptr() for t in items], dtype=torch.int64, device=device)
-    numels = torch.tensor([t.numel() for t in items], dtype=torch.int64, device=device)
-    sign_addrs = torch.tensor([s.data_ptr() for s in signs] or [0], dtype=torch.int64, device=device)
+    partial = torch.empty((len(items), max_blocks), dtype=acc, device=device)  # every entry is stored
+    if len(items) == 1:
+        # the sign pointer is unused without KEEP_SIGN; the partial buffer stands in for it
+        _l1_sign_one_kernel[(max_blocks,)](
+            items[0], signs[0] if keep_sign else partial, items[0].numel(), partial,
+            ACC=acc_tl, KEEP_SIGN=keep_sign, BLOCK=_BLOCK,
+        )
+        return partial.sum(dim=1), signs
+    # one host-to-device copy for the three tables
+    table = [t.data_ptr() for t in items] + ([s.data_ptr() for s in signs] if keep_sign else [0] * len(items))
+    table += [t.numel() for t in items]
     _l1_sign_kernel[(max_blocks, len(items))](
-        addrs,
-        sign_addrs,
-        numels,
+        torch.tensor(table, dtype=torch.int64).to(device),
+        len(items),
         partial,
         max_blocks,
         DTYPE=_POINTER[dtype],
-        ACC=tl.float64 if acc == torch.float64 else tl.float32,
+        ACC=acc_tl,
         KEEP_SIGN=keep_sign,
         BLOCK=_BLOCK,
     )

@@ -639,6 +639,28 @@ def _total(norms: Sequence[torch.Tensor], like: torch.Tensor) -> torch.Tensor:
     return torch.stack([n.to(dtype) for n in norms]).sum()
 
 
+def _same_kind_groups(tensors: Sequence[torch.Tensor]) -> Iterable[List[int]]:
+    """Indices of ``tensors`` grouped by (device, dtype): the lists on which torch's ``_foreach`` ops take
+    their fused path (one multi-tensor kernel per group on a GPU instead of one launch per tensor)."""
+    groups: Dict[Tuple[torch.device, torch.dtype], List[int]] = {}
+    for i, t in enumerate(tensors):
+        groups.setdefault((t.device, t.dtype), []).append(i)
+    return groups.values()
+
+
+def _copy_all(dst: Sequence[torch.Tensor], src: Sequence[torch.Tensor]) -> None:
+    """``dst[i].copy_(src[i])`` for every ``i`` (same shapes and dtypes), a fused copy per (device, dtype)."""
+    for idx in _same_kind_groups(dst):
+        torch._foreach_copy_([dst[i] for i in idx], [src[i] for i in idx])
+
+
+def _snapshot(tensors: Sequence[torch.Tensor]) -> List[torch.Tensor]:
+    """Copies of ``tensors`` (bit for bit), made with :func:`_copy_all`."""
+    copies = [torch.empty_like(t) for t in tensors]
+    _copy_all(copies, tensors)
+    return copies
+
+
 def _unique(tensors: Iterable[torch.Tensor]) -> List[torch.Tensor]:
     out, seen = [], set()
     for t in tensors:
@@ -993,7 +1015,7 @@ class L1GradPenalty(_GradNormPenalty):
             for a, red, r in zip(acts, a_reduced, rho_a):  # an activation no gradient reached is not moved
                 sign = torch.zeros(a.shape, dtype=torch.int8, device=a.device) if red is None else red[1]
                 shifts.append((a.shape, sign, r))
-            moves = [(w, torch.sign(g) * r) for w, g, r in zip(weights, w_grads, rho_w) if g is not None]
+            moves = [(w, g, r) for w, g, r in zip(weights, w_grads, rho_w) if g is not None]
         # the first forward's activations and gradients are not needed any more: release them before the
         # second forward (backward() has freed the first graph, so this lowers the peak by their size)
         del a_reduced, w_grads, acts
@@ -1005,25 +1027,25 @@ class L1GradPenalty(_GradNormPenalty):
             else:
                 inv_h = 1 / h
             coef = lam * inv_h * float(self._every)
-            diffs = []
-            for a, b in zip(g1, g2):
-                if a is None and b is None:
-                    diffs.append(None)
-                elif a is None:
-                    diffs.append(b * coef)
-                elif b is None:
-                    diffs.append(a * -coef)
-                else:
-                    diffs.append((b - a).mul_(coef))
+            # (g2 - g1) * coef for every target, fused over the targets that got a gradient in both passes
+            diffs: List[Optional[torch.Tensor]] = [None] * len(targets)
+            both = [i for i, (a, b) in enumerate(zip(g1, g2)) if a is not None and b is not None]
+            if both:
+                fused = torch._foreach_sub([g2[i] for i in both], [g1[i] for i in both])
+                torch._foreach_mul_(fused, coef)
+                for i, d in zip(both, fused):
+                    diffs[i] = d
+            for i, (a, b) in enumerate(zip(g1, g2)):
+                if (a is None) != (b is None):
+                    diffs[i] = b * coef if a is None else a * -coef
             reg = (loss2.detach() - loss.detach()).to(_accumulation_dtype(loss)) * (lam * inv_h)
             if into_grad:
+                have = [i for i, d in enumerate(diffs) if d is not None and targets[i].grad is not None]
+                if have:
+                    torch._foreach_add_([targets[i].grad for i in have], [diffs[i] for i in have])
                 for t, d in zip(targets, diffs):
-                    if d is None:
-                        continue
-                    if t.grad is None:
+                    if d is not None and t.grad is None:
                         t.grad = d
-                    else:
-                        t.grad.add_(d)
         self._fresh = True
         stats = {"loss": loss, "penalty": reg, **terms}
         if not into_grad:  # the value scaled like the gradients, which already carry the factor `every`
@@ -1033,17 +1055,23 @@ class L1GradPenalty(_GradNormPenalty):
     def _second_pass(self, closure, moves, shifts, targets):
         """Run ``closure`` at the perturbed point and return ``(loss2, grad of loss2 w.r.t. targets)``; the
         weights, the buffers and the random number generator are restored before returning."""
-        saved = [w.detach().clone() for w, _ in moves]
-        buffers = [(b, b.detach().clone()) for b in self.model.buffers()]
+        moved = [w.data for w, _, _ in moves]
+        saved = _snapshot(moved)
+        buffers = [b.data for b in self.model.buffers()]
+        saved_buffers = _snapshot(buffers)
         shift = _ActivationShift(shifts) if shifts else None
         rng = self._rng
         try:
             # .data: the move and the restore must not bump the weights' version counters, so that a graph
             # that saved them (the first forward's, kept by penalty(loss, closure)) stays usable; the restore
             # copies the saved values back bit for bit
-            with torch.no_grad():
-                for w, delta in moves:
-                    w.data.add_(delta.to(w.dtype))
+            if moves:
+                with torch.no_grad():
+                    steps = torch._foreach_sign([g for _, g, _ in moves])
+                    torch._foreach_mul_(steps, [r for _, _, r in moves])
+                    # added in the weight's dtype (a gradient may come in another one)
+                    torch._foreach_add_(moved, [d.to(w.dtype) for w, d in zip(moved, steps)])
+                    del steps
             self._second_forward = shift if shift is not None else True
             with torch.random.fork_rng(devices=list(rng[1]) if rng else [], enabled=rng is not None):
                 if rng is not None:
@@ -1069,13 +1097,11 @@ class L1GradPenalty(_GradNormPenalty):
         finally:
             self._second_forward = None
             with torch.no_grad():
-                for (w, _), w0 in zip(moves, saved):
-                    w.data.copy_(w0)
+                _copy_all(moved, saved)
                 # every buffer is put back: BatchNorm's kernel updates the running statistics without bumping
                 # their version counters, so a change cannot be detected cheaply; .data keeps the counters,
                 # as a graph that saved an eval-mode BatchNorm's statistics checks them
-                for b, copy in buffers:
-                    b.data.copy_(copy)
+                _copy_all(buffers, saved_buffers)
         return loss2, g2
 
     def __repr__(self) -> str:

@@ -20,10 +20,13 @@ def select_cpu_implementation(kernel: str, implementation: str, monkeypatch) -> 
     """For tests run once per implementation of an op on CPU tensors: ``"torch"`` forces the PyTorch ops
     (``QGRAD_BACKEND=torch``); ``"cpp"`` needs ``qgrad._C.<kernel>`` and skips the test without it;
     ``"triton"`` runs the Triton kernel under the interpreter (``QGRAD_BACKEND=triton``), skipped where Triton
-    cannot run."""
+    cannot run and on machines with CUDA, where the interpreter is off and the ``gpu`` tests run the Triton
+    kernels on CUDA tensors instead."""
     from qgrad import kernels
     from qgrad.ops.dispatch import cpu_kernel
 
+    if implementation == "triton" and torch.cuda.is_available():
+        pytest.skip("with CUDA the Triton kernels run CUDA tensors, not CPU ones; the gpu tests cover them")
     if implementation in ("torch", "triton"):
         monkeypatch.setenv("QGRAD_BACKEND", implementation)
         if implementation == "triton" and not kernels.is_available()[0]:

@@ -25,6 +25,11 @@ def _runnable():
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
+def _device(backend):
+    """Where ``backend`` runs: ``cpp`` on CPU tensors, the others on the GPU when there is one."""
+    return "cpu" if backend == "cpp" else DEVICE
+
+
 def _skip_unsupported(backend, dtype):
     if backend == "triton" and INTERPRETED and dtype == torch.bfloat16:
         pytest.skip("Triton's CPU interpreter rounds float32 -> bfloat16 by truncation; runs on a GPU")
@@ -42,13 +47,13 @@ CASES = [
 ]
 
 
-def _inputs(shape, axis, dtype, seed=0):
+def _inputs(shape, axis, dtype, device, seed=0):
     g = torch.Generator().manual_seed(seed)
     x = (torch.randn(shape, generator=g) * 3).to(dtype)
     c = shape[axis] if axis is not None else 1
     # powers of two: many elements sit exactly on ties and on the clip edges
     scale = (2.0 ** torch.randint(-5, -1, (c,), generator=g).float()).reshape(() if axis is None else (c,))
-    return x.to(DEVICE), scale.to(DEVICE)
+    return x.to(device), scale.to(device)
 
 
 @pytest.mark.parametrize("backend", _runnable())
@@ -56,8 +61,9 @@ def _inputs(shape, axis, dtype, seed=0):
 @pytest.mark.parametrize("shape, axis, qmin, qmax, zp", CASES)
 def test_backend_matches_reference(backend, dtype, shape, axis, qmin, qmax, zp):
     _skip_unsupported(backend, dtype)
-    x, scale = _inputs(shape, axis, dtype)
-    zero_point = torch.full(scale.shape, zp, device=DEVICE)
+    device = _device(backend)
+    x, scale = _inputs(shape, axis, dtype, device)
+    zero_point = torch.full(scale.shape, zp, device=device)
     x.requires_grad_()
     scale.requires_grad_()
     zero_point.requires_grad_()
@@ -76,25 +82,27 @@ def test_backend_matches_reference(backend, dtype, shape, axis, qmin, qmax, zp):
 
 @pytest.mark.parametrize("backend", _runnable())
 def test_non_contiguous_and_channels_last(backend):
-    base = torch.randn(8, 6, 10, 12, device=DEVICE)
+    device = _device(backend)
+    base = torch.randn(8, 6, 10, 12, device=device)
     views = [base.transpose(1, 3), base[:, ::2, 1::3], base.to(memory_format=torch.channels_last)]
     with B.use_backend(backend):
         for v in views:
-            scale = torch.rand(v.shape[1], device=DEVICE) * 0.1 + 0.02
+            scale = torch.rand(v.shape[1], device=device) * 0.1 + 0.02
             y = qgrad.fake_quant(v, scale, 0.0, -7, 7, axis=1)
-            assert torch.equal(y, fake_quant_ref(v, scale, torch.tensor(0.0, device=DEVICE), -7, 7, 1))
+            assert torch.equal(y, fake_quant_ref(v, scale, torch.tensor(0.0, device=device), -7, 7, 1))
 
 
 @pytest.mark.parametrize("backend", _runnable())
 @pytest.mark.parametrize("axis", [None, 1])
 def test_double_backward_matches_autograd_of_reference(backend, axis):
     """Gradients of (dx, dscale, dzp) w.r.t. (dy, x, scale): closed-form backward vs autograd of the reference."""
+    device = _device(backend)
     g = torch.Generator().manual_seed(3)
-    x = (torch.randn(6, 5, 4, generator=g) * 2).to(DEVICE).requires_grad_()
-    scale = (torch.rand(5 if axis else (), generator=g) * 0.3 + 0.2).to(DEVICE).requires_grad_()
-    zp = torch.full(scale.shape, 1.0, device=DEVICE).requires_grad_()
-    dy = torch.randn(6, 5, 4, generator=g).to(DEVICE).requires_grad_()
-    w = [torch.randn(t.shape, generator=g).to(DEVICE) for t in (x, scale, zp)]
+    x = (torch.randn(6, 5, 4, generator=g) * 2).to(device).requires_grad_()
+    scale = (torch.rand(5 if axis else (), generator=g) * 0.3 + 0.2).to(device).requires_grad_()
+    zp = torch.full(scale.shape, 1.0, device=device).requires_grad_()
+    dy = torch.randn(6, 5, 4, generator=g).to(device).requires_grad_()
+    w = [torch.randn(t.shape, generator=g).to(device) for t in (x, scale, zp)]
 
     def second(fn):
         grads = fn()

@@ -1,8 +1,9 @@
-"""The Triton fake-quantization kernels (``qgrad.kernels``) against :mod:`qgrad.reference`.
+"""The Triton kernels (``qgrad.kernels``) against :mod:`qgrad.reference`.
 
-``y`` and ``dx`` must match the reference bit for bit (ties, clip edges, special values, every layout);
-``dscale`` / ``dzp`` are float32 sums in a different order and are compared with a tolerance against a
-float64 sum of the same float32 terms. Without a GPU the kernels run under ``TRITON_INTERPRET=1``.
+Fake quantization: ``y`` and ``dx`` must match the reference bit for bit (ties, clip edges, special values,
+every layout); ``dscale`` / ``dzp`` are float32 sums in a different order and are compared with a tolerance
+against a float64 sum of the same float32 terms. The multi-tensor l1 norm: signs exactly, norms against a
+float64 sum. Without a GPU the kernels run under ``TRITON_INTERPRET=1``.
 """
 import json
 import os
@@ -254,8 +255,9 @@ def test_rounding_on_random_bit_patterns():
 
 # ---------------------------------------------------------------------------------------------- layouts
 def _layouts():
+    """Views made on the device (``.to()`` of a sliced CPU tensor would hand over a contiguous copy)."""
     g = torch.Generator().manual_seed(6)
-    base = torch.randn(4, 6, 10, 12, generator=g) * 3
+    base = (torch.randn(4, 6, 10, 12, generator=g) * 3).to(DEVICE)
     return {
         "transpose": base.transpose(1, 3),
         "permute": base.permute(2, 0, 3, 1),
@@ -272,7 +274,7 @@ def _layouts():
 @pytest.mark.parametrize("axis", [None, 1, 3])
 def test_non_contiguous_layouts_without_copy(layout, axis):
     """Strided / permuted views run through the strided path (no copy) and match the reference exactly."""
-    x = _layouts()[layout].to(DEVICE)
+    x = _layouts()[layout]
     plan, _ = FQ._make_plan([x], axis)
     assert not plan.copied, f"{layout} was copied"
     if axis is None:
@@ -307,13 +309,14 @@ def test_layouts_that_need_a_copy():
     unmergeable dims (the column mapping takes at most two).
     """
     g = torch.Generator().manual_seed(8)
-    x = (torch.randn(5, 5, 5, 5, 5, generator=g) * 3)[::2, 1:, ::2, 1:, ::2].to(DEVICE)
+    # slice on the device: .to() of a non-contiguous CPU tensor would hand over a contiguous copy
+    x = (torch.randn(5, 5, 5, 5, 5, generator=g) * 3).to(DEVICE)[::2, 1:, ::2, 1:, ::2]
     assert FQ._make_plan([x], None)[0].copied
     assert FQ._make_plan([x], 2)[0].copied
     check_all(x, torch.tensor(0.1, device=DEVICE), torch.tensor(1.0, device=DEVICE), -7, 7)
     scale = torch.tensor([0.1, 0.2, 0.05], device=DEVICE)
     check_all(x, scale, torch.zeros(3, device=DEVICE), -7, 7, axis=2)
-    x = (torch.randn(4, 6, 10, 12, generator=g) * 3).transpose(0, 2)[1:, :, ::3].to(DEVICE)
+    x = (torch.randn(4, 6, 10, 12, generator=g) * 3).to(DEVICE).transpose(0, 2)[1:, :, ::3]
     assert FQ._make_plan([x], 3)[0].copied
     scale = (torch.rand(12, generator=g) * 0.1 + 0.05).to(DEVICE)
     y, dx = check_all(x, scale, torch.zeros(12, device=DEVICE), -7, 7, axis=3)
@@ -472,3 +475,37 @@ def test_gpu_code_uses_ieee_division():
         assert "div.rn.f32" in ptx, f"{name}: no IEEE division in the PTX"
         assert "div.full.f32" not in ptx and "div.approx.f32" not in ptx, f"{name}: approximate division"
         assert "0f4B000000" in ptx, f"{name}: the 2**23 rounding constant is missing"
+
+
+# ------------------------------------------------------------------------------------- multi-tensor l1 norm
+@pytest.mark.parametrize("dtype", DTYPES + [torch.float64])
+def test_l1_norm_sign_kernel(dtype):
+    """Norms and int8 signs of a mixed list (a multi-block tensor, tiny, empty, 0-d, NaN, a strided view)."""
+    from qgrad.ops.l1_norm import multi_l1_norm, multi_l1_norm_ref
+
+    g = torch.Generator().manual_seed(11)
+    shapes = [(3 * 2048 + 5,), (3,), (0,), (1, 7), (16, 3, 3, 3), ()]
+    tensors = [torch.randn(s, generator=g, dtype=torch.float64).to(dtype).to(DEVICE) for s in shapes]
+    tensors[0][::7] = 0.0
+    tensors[3][0, 2] = float("nan")
+    tensors.append(torch.randn(9, 12, generator=g).to(dtype).to(DEVICE).t()[::2])
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    norms, signs = K.l1_norm_sign(tensors, True, acc)
+    assert norms.dtype == acc and norms.device.type == DEVICE and norms[3].isnan()
+    keep = [k for k in range(len(tensors)) if k != 3]
+    exact = torch.stack([tensors[k].double().abs().sum() for k in keep])
+    torch.testing.assert_close(norms[keep].double(), exact, rtol=1e-6 if acc == torch.float32 else 1e-13, atol=0)
+    for t, s in zip(tensors, signs):
+        assert s.dtype == torch.int8 and s.shape == t.shape
+        assert torch.equal(s, torch.sign(t).nan_to_num(0.0).to(torch.int8))
+    assert K.l1_norm_sign(tensors, False, acc)[1] is None
+    for k in (0, 4, 6):  # one tensor alone takes the launch without a table; the same sums and signs
+        one_norm, (one_sign,) = K.l1_norm_sign([tensors[k]], True, acc)
+        assert torch.equal(one_norm, norms[k : k + 1]) and torch.equal(one_sign, signs[k])
+    # through the op: the gradient is coeff * sign(t), as in the plain-op reference
+    leaves = [t.detach().requires_grad_() for k, t in enumerate(tensors) if k != 3]
+    coeff = torch.linspace(-2, 2, len(leaves), dtype=acc, device=DEVICE)
+    grads = torch.autograd.grad((multi_l1_norm(leaves) * coeff).sum(), leaves)
+    expected = torch.autograd.grad((multi_l1_norm_ref(leaves) * coeff).sum(), leaves)
+    for a, b in zip(grads, expected):
+        assert torch.equal(a, b)
