@@ -23,14 +23,29 @@
 namespace qgrad {
 namespace {
 
+// Numbers, shapes and devices in the error messages below are turned into text with std::to_string, never by
+// streaming them into an ostream: with some pairings of compiler and torch build (seen with torch 2.11+cu130
+// wheels and g++ 13.3 on Ubuntu 24.04) any extension that streams a number crashes in the stream's numeric
+// formatting (a 5-line torch extension reproduces it), which would turn a ValueError into a segfault.
+std::string num(int64_t v) { return std::to_string(v); }
+
+std::string num(double v) { return std::to_string(v); }
+
+std::string shape(at::IntArrayRef sizes) {
+  std::string out = "[";
+  for (size_t i = 0; i < sizes.size(); ++i) out += (i ? ", " : "") + std::to_string(sizes[i]);
+  return out + "]";
+}
+
 // Integers up to 2**24 are exact in float32, the precision the kernels compute in.
 constexpr int64_t kQuantLimit = int64_t(1) << 24;
 
 void check_grid(int64_t quant_min, int64_t quant_max) {
-  TORCH_CHECK_VALUE(quant_min < quant_max, "quant_min must be < quant_max, got quant_min=", quant_min,
-                    ", quant_max=", quant_max);
+  TORCH_CHECK_VALUE(quant_min < quant_max, "quant_min must be < quant_max, got quant_min=", num(quant_min),
+                    ", quant_max=", num(quant_max));
   TORCH_CHECK_VALUE(quant_min >= -kQuantLimit && quant_max <= kQuantLimit,
-                    "quant_min and quant_max must lie in [-2**24, 2**24], got ", quant_min, " and ", quant_max);
+                    "quant_min and quant_max must lie in [-2**24, 2**24], got ", num(quant_min), " and ",
+                    num(quant_max));
 }
 
 void check_x(const at::Tensor& x, const char* name) {
@@ -40,15 +55,15 @@ void check_x(const at::Tensor& x, const char* name) {
                     " must be float32, float16 or bfloat16, got ", dt,
                     " (float64 inputs are handled by qgrad.reference)");
   TORCH_CHECK_VALUE(x.device().is_cpu() || x.device().is_cuda(), name,
-                    " must be on a cpu or cuda device, got ", x.device());
+                    " must be on a cpu or cuda device, got ", x.device().str());
 }
 
 void check_param(const at::Tensor& p, const char* name, const at::Tensor& x) {
   TORCH_CHECK_VALUE(p.defined(), name, " must be a tensor, got None");
   TORCH_CHECK_VALUE(p.scalar_type() == at::kFloat, name, " must be float32, got ", p.scalar_type());
-  TORCH_CHECK_VALUE(p.device() == x.device(), name, " is on ", p.device(), " but x is on ", x.device(),
+  TORCH_CHECK_VALUE(p.device() == x.device(), name, " is on ", p.device().str(), " but x is on ", x.device().str(),
                     "; put both on one device");
-  TORCH_CHECK_VALUE(p.dim() <= 1, name, " must be 0-d or 1-d, got shape ", p.sizes());
+  TORCH_CHECK_VALUE(p.dim() <= 1, name, " must be 0-d or 1-d, got shape ", shape(p.sizes()));
 }
 
 struct Args {
@@ -66,17 +81,17 @@ Args check_quant_args(const at::Tensor& x, const at::Tensor& scale, const at::Te
   if (axis == -1) {
     TORCH_CHECK_VALUE(scale.numel() == 1 && zero_point.numel() == 1,
                       "per-tensor quantization (axis=-1) needs one scale and one zero_point value, got ",
-                      scale.numel(), " and ", zero_point.numel());
+                      num(scale.numel()), " and ", num(zero_point.numel()));
     return {{1, 1, x.numel()}, false};
   }
-  TORCH_CHECK_VALUE(axis >= 0 && axis < x.dim(), "axis must be -1 (per-tensor) or in [0, ", x.dim(),
-                    ") for x of shape ", x.sizes(), ", got ", axis);
+  TORCH_CHECK_VALUE(axis >= 0 && axis < x.dim(), "axis must be -1 (per-tensor) or in [0, ", num(x.dim()),
+                    ") for x of shape ", shape(x.sizes()), ", got ", num(axis));
   const int64_t channels = x.size(axis);
-  TORCH_CHECK_VALUE(scale.dim() == 1 && scale.numel() == channels, "per-channel scale along axis ", axis,
-                    " must be 1-d of length ", channels, ", got shape ", scale.sizes());
+  TORCH_CHECK_VALUE(scale.dim() == 1 && scale.numel() == channels, "per-channel scale along axis ", num(axis),
+                    " must be 1-d of length ", num(channels), ", got shape ", shape(scale.sizes()));
   const bool zp_per_channel = zero_point.dim() == 1 && zero_point.numel() == channels;
-  TORCH_CHECK_VALUE(zp_per_channel || zero_point.numel() == 1, "per-channel zero_point along axis ", axis,
-                    " must be 0-d or 1-d of length ", channels, ", got shape ", zero_point.sizes());
+  TORCH_CHECK_VALUE(zp_per_channel || zero_point.numel() == 1, "per-channel zero_point along axis ", num(axis),
+                    " must be 0-d or 1-d of length ", num(channels), ", got shape ", shape(zero_point.sizes()));
   int64_t outer = 1;
   for (int64_t d = 0; d < axis; ++d) outer *= x.size(d);
   int64_t inner = 1;
@@ -85,7 +100,7 @@ Args check_quant_args(const at::Tensor& x, const at::Tensor& scale, const at::Te
 }
 
 [[noreturn]] void no_cuda(const at::Tensor& x) {
-  TORCH_CHECK(false, "qgrad._C was built without CUDA support but x is on ", x.device(),
+  TORCH_CHECK(false, "qgrad._C was built without CUDA support but x is on ", x.device().str(),
               "; rebuild with a CUDA-enabled torch and toolkit (pip install --no-build-isolation .)");
 }
 
@@ -112,12 +127,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fake_quant_bwd(const at::Tensor& 
                                                               bool need_dscale, bool need_dzp) {
   const Args a = check_quant_args(x, scale, zero_point, quant_min, quant_max, axis);
   check_x(dy, "dy");
-  TORCH_CHECK_VALUE(dy.sizes() == x.sizes(), "dy must have the shape of x ", x.sizes(), ", got ", dy.sizes());
+  TORCH_CHECK_VALUE(dy.sizes() == x.sizes(), "dy must have the shape of x ", shape(x.sizes()), ", got ",
+                    shape(dy.sizes()));
   TORCH_CHECK_VALUE(dy.scalar_type() == x.scalar_type(), "dy must have the dtype of x (", x.scalar_type(),
                     "), got ", dy.scalar_type());
-  TORCH_CHECK_VALUE(dy.device() == x.device(), "dy is on ", dy.device(), " but x is on ", x.device(),
+  TORCH_CHECK_VALUE(dy.device() == x.device(), "dy is on ", dy.device().str(), " but x is on ", x.device().str(),
                     "; put both on one device");
-  TORCH_CHECK_VALUE(std::isfinite(grad_scale), "grad_scale must be finite, got ", grad_scale);
+  TORCH_CHECK_VALUE(std::isfinite(grad_scale), "grad_scale must be finite, got ", num(grad_scale));
   const at::Tensor dyc = dy.contiguous();
   const at::Tensor xc = x.contiguous();
   const at::Tensor s = scale.contiguous();
@@ -152,9 +168,9 @@ at::Tensor channel_vector(const c10::optional<at::Tensor>& t, const char* name, 
     TORCH_CHECK_VALUE(!required, name, " must be a tensor, got None");
     return at::Tensor();
   }
-  TORCH_CHECK_VALUE(t->device().is_cpu(), name, " must be a CPU tensor, got ", t->device());
-  TORCH_CHECK_VALUE(t->dim() == 1 && t->size(0) == channels, name, " must be 1-d of length ", channels,
-                    ", got shape ", t->sizes());
+  TORCH_CHECK_VALUE(t->device().is_cpu(), name, " must be a CPU tensor, got ", t->device().str());
+  TORCH_CHECK_VALUE(t->dim() == 1 && t->size(0) == channels, name, " must be 1-d of length ", num(channels),
+                    ", got shape ", shape(t->sizes()));
   TORCH_CHECK_VALUE(t->is_floating_point(), name, " must be floating point, got ", t->scalar_type());
   return t->to(at::kDouble).contiguous();
 }
@@ -165,15 +181,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_double_backward(
     const c10::optional<at::Tensor>& weight, const at::Tensor& mean, const at::Tensor& invstd,
     const c10::optional<at::Tensor>& sum_dy, const c10::optional<at::Tensor>& sum_dy_xhat, bool training,
     bool need_dy, bool need_x, bool need_w) {
-  TORCH_CHECK_VALUE(x.device().is_cpu(), "x must be a CPU tensor, got ", x.device());
+  TORCH_CHECK_VALUE(x.device().is_cpu(), "x must be a CPU tensor, got ", x.device().str());
   const auto dt = x.scalar_type();
   TORCH_CHECK_VALUE(dt == at::kFloat || dt == at::kDouble || dt == at::kHalf || dt == at::kBFloat16,
                     "x must be float32, float64, float16 or bfloat16, got ", dt);
-  TORCH_CHECK_VALUE(x.dim() >= 2, "x must have shape (N, C, ...), got ", x.sizes());
+  TORCH_CHECK_VALUE(x.dim() >= 2, "x must have shape (N, C, ...), got ", shape(x.sizes()));
   auto check_like_x = [&](const at::Tensor& t, const char* name) {
-    TORCH_CHECK_VALUE(t.sizes() == x.sizes(), name, " must have the shape of x ", x.sizes(), ", got ", t.sizes());
+    TORCH_CHECK_VALUE(t.sizes() == x.sizes(), name, " must have the shape of x ", shape(x.sizes()), ", got ",
+                      shape(t.sizes()));
     TORCH_CHECK_VALUE(t.scalar_type() == dt, name, " must have the dtype of x (", dt, "), got ", t.scalar_type());
-    TORCH_CHECK_VALUE(t.device().is_cpu(), name, " must be a CPU tensor, got ", t.device());
+    TORCH_CHECK_VALUE(t.device().is_cpu(), name, " must be a CPU tensor, got ", t.device().str());
   };
   check_like_x(dy, "dy");
   const bool has_ggx = ggx.has_value() && ggx->defined();
@@ -206,11 +223,12 @@ std::tuple<at::Tensor, std::vector<at::Tensor>> l1_norm_sign(const std::vector<a
   contiguous.reserve(tensors.size());
   for (size_t i = 0; i < tensors.size(); ++i) {
     const at::Tensor& t = tensors[i];
-    TORCH_CHECK_VALUE(t.defined(), "tensors[", i, "] must be a tensor, got None");
-    TORCH_CHECK_VALUE(t.device().is_cpu(), "tensors[", i, "] must be a CPU tensor, got ", t.device());
+    TORCH_CHECK_VALUE(t.defined(), "tensors[", num(static_cast<int64_t>(i)), "] must be a tensor, got None");
+    TORCH_CHECK_VALUE(t.device().is_cpu(), "tensors[", num(static_cast<int64_t>(i)), "] must be a CPU tensor, got ",
+                      t.device().str());
     const auto dt = t.scalar_type();
     TORCH_CHECK_VALUE(dt == at::kFloat || dt == at::kDouble || dt == at::kHalf || dt == at::kBFloat16, "tensors[",
-                      i, "] must be float32, float64, float16 or bfloat16, got ", dt);
+                      num(static_cast<int64_t>(i)), "] must be float32, float64, float16 or bfloat16, got ", dt);
     contiguous.push_back(t.contiguous());
   }
   return l1_norm_sign_cpu(contiguous, keep_sign);
