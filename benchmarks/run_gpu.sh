@@ -1,34 +1,44 @@
 #!/usr/bin/env bash
 # One pass on a CUDA machine: record the environment, build qgrad._C with its CUDA kernels, run the test suite
-# on the GPU, then the benchmarks; logs and pytest-benchmark JSON go to the folder given as $1.
+# on the GPU, the benchmarks and the step profiles; everything goes to the folder given as $1.
 #
-#   bash benchmarks/run_gpu.sh results_dir [stage ...]   # stages: build tests bench profile (default: the
-#                                                          first three)
+#   bash benchmarks/run_gpu.sh results_dir [stage ...]
 #
-# Every stage has a time limit (seconds, e.g. QGRAD_TESTS_LIMIT=300) so that a slow one cannot starve the
-# next; a stage's failure is reported at the end without stopping the others. Set QGRAD_PREBUILT to a
-# qgrad/_C*.so built by an earlier pass on the same image to skip the build.
+# Stages, in the order given (default: build tests bench):
+#   build          pip install -e . with the CUDA extension (TORCH_CUDA_ARCH_LIST defaults to 9.0)
+#   tests          python -m pytest tests, on QGRAD_TEST_WORKERS pytest-xdist workers
+#   bench          benchmarks/test_penalty_step.py -> gpu_penalty_step.json
+#   bench_kernels  the fake-quantization and BatchNorm benchmarks -> gpu_kernels.json
+#   profile        benchmarks/profile_penalty_step.py for both models at batch 128, ResNet-18 at batch 512
+#                  -> profile_<model>_b<batch>.md
+# Every stage's output is appended to stages.log; each has a time limit in seconds (QGRAD_<STAGE>_LIMIT,
+# e.g. QGRAD_TESTS_LIMIT=300) so that a slow one cannot starve the next, and a failed stage does not stop
+# the others (the exit status is 1 if any failed).
 set -uo pipefail
 cd "$(dirname "$0")/.."
-out=${1:?usage: run_gpu.sh results_dir [build] [tests] [bench]}
+out=${1:?usage: run_gpu.sh results_dir [stage ...]}
 shift
 stages=${*:-build tests bench}
 mkdir -p "$out"
+log="$out/stages.log"
 export PYTHONUNBUFFERED=1
 status=0
 
-run() {  # run NAME LIMIT CMD...: log to $out/NAME.log, remember a failure
+run() {  # run NAME LIMIT CMD...: append the output to stages.log, print its tail, remember a failure
     local name=$1 limit=$2
     shift 2
     local t0=$SECONDS
-    timeout "$limit" "$@" >"$out/$name.log" 2>&1
+    echo "===== $name: $*" >>"$log"
+    timeout "$limit" "$@" >"$out/.stage" 2>&1
     local rc=$?
+    cat "$out/.stage" >>"$log"
     echo "stage $name: exit $rc after $((SECONDS - t0)) s"
-    tail -n 15 "$out/$name.log"
+    tail -n "${QGRAD_TAIL:-12}" "$out/.stage"
+    rm -f "$out/.stage"
     [ $rc -eq 0 ] || status=1
 }
 
-python - >"$out/env.txt" <<'EOF'
+python - >"$out/env.txt" <<'PY'
 import platform, torch
 try:
     import triton
@@ -38,35 +48,34 @@ except ImportError:
 name = torch.cuda.get_device_name() if torch.cuda.is_available() else "no CUDA device"
 print(f"device: {name}; torch {torch.__version__} (CUDA {torch.version.cuda}); triton {tv}; "
       f"python {platform.python_version()}")
-EOF
+PY
 cat "$out/env.txt"
 
 for stage in $stages; do
     case $stage in
     build)
-        if [ -n "${QGRAD_PREBUILT:-}" ]; then
-            cp "$QGRAD_PREBUILT" qgrad/
-            QGRAD_BUILD_EXT=0 run build "${QGRAD_BUILD_LIMIT:-300}" \
-                python -m pip install --no-build-isolation --no-deps -e .
-        else
-            TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0} MAX_JOBS=${MAX_JOBS:-16} QGRAD_BUILD_EXT=1 \
-                run build "${QGRAD_BUILD_LIMIT:-300}" python -m pip install --no-build-isolation --no-deps -e .
-            cp qgrad/_C*.so "$out/" 2>/dev/null
-        fi
+        TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0} MAX_JOBS=${MAX_JOBS:-16} QGRAD_BUILD_EXT=1 \
+            run build "${QGRAD_BUILD_LIMIT:-300}" python -m pip install --no-build-isolation --no-deps -e .
         python -c "import qgrad; print('backends', qgrad.backends())" 2>&1 | tee -a "$out/env.txt"
         ;;
     tests)
         run tests "${QGRAD_TESTS_LIMIT:-240}" python -m pytest tests -q -n "${QGRAD_TEST_WORKERS:-8}" -rfE
         ;;
     bench)
-        run bench_penalty_step "${QGRAD_BENCH_LIMIT:-300}" python -m pytest benchmarks/test_penalty_step.py \
+        run bench "${QGRAD_BENCH_LIMIT:-300}" python -m pytest benchmarks/test_penalty_step.py \
             --benchmark-only --benchmark-json "$out/gpu_penalty_step.json" -q
         ;;
+    bench_kernels)
+        run bench_kernels "${QGRAD_BENCH_KERNELS_LIMIT:-300}" python -m pytest benchmarks/test_fake_quant_kernels.py \
+            benchmarks/test_batch_norm.py --benchmark-only --benchmark-json "$out/gpu_kernels.json" -q
+        ;;
     profile)
-        for model in resnet18 vgg_like; do
-            run "profile_$model" "${QGRAD_PROFILE_LIMIT:-120}" python benchmarks/profile_penalty_step.py \
-                --device cuda --width 1 --batch 128 --steps 5 --top 15 --model "$model" \
-                --modes exact_autograd exact_qgrad worst_case
+        for spec in resnet18:128 vgg_like:128 resnet18:512; do
+            model=${spec%%:*} batch=${spec##*:}
+            QGRAD_TAIL=2 run "profile_${model}_b$batch" "${QGRAD_PROFILE_LIMIT:-120}" \
+                python benchmarks/profile_penalty_step.py --device cuda --width 1 --batch "$batch" --steps 5 \
+                --top 15 --model "$model" --modes exact_autograd exact_qgrad worst_case
+            sed -n "/^===== profile_${model}_b$batch/,\$p" "$log" | tail -n +2 >"$out/profile_${model}_b$batch.md"
         done
         ;;
     *)

@@ -5,9 +5,10 @@ What the gradient-norm penalties run per BatchNorm layer: the forward, the first
 produce; the BatchNorm weight gradient is not differentiated further). Variants:
 
 * ``torch``: ``torch.nn.functional.batch_norm`` (the double backward is ``NativeBatchNormBackwardBackward0``);
-* ``qgrad``: :func:`qgrad.ops.batch_norm.batch_norm` with the C++ double-backward kernel of ``qgrad._C`` (CPU);
-* ``qgrad_torch_ops``: the same with the PyTorch-op fallback of the double backward (what runs on other devices
-  and without the compiled extension).
+* ``qgrad``: :func:`qgrad.ops.batch_norm.batch_norm` with its fused double backward (the C++ kernel of
+  ``qgrad._C`` on a CPU, the Triton kernels on CUDA);
+* ``qgrad_torch_ops``: the same under ``QGRAD_BACKEND=torch``, i.e. the PyTorch-op fallback of the double
+  backward (what runs without the compiled extension or Triton).
 
 Each result's ``extra_info`` carries the ``speedup_vs_torch`` of the median, measured against the torch variant
 of the same case in the same process. The penalized training step with either BatchNorm is in
@@ -25,6 +26,7 @@ from _timing import wall_times
 import qgrad.models
 import qgrad.ops.batch_norm as bn_ops
 from qgrad.nn.batch_norm import BatchNorm2d, convert_batchnorm, revert_batchnorm
+from qgrad.ops.dispatch import cpu_kernel
 from qgrad.penalties import L1GradPenalty
 
 CUDA = torch.cuda.is_available()
@@ -64,10 +66,10 @@ def _step(fn, x, w, b, dy, ggx, stats, training):
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
 def test_batch_norm_double_backward(benchmark, monkeypatch, shape, training, variant):
-    if variant == "qgrad" and not CUDA and bn_ops._cpp_double_backward() is None:
+    if variant == "qgrad" and not CUDA and cpu_kernel("batch_norm_double_backward") is None:
         pytest.skip("qgrad._C is not built with batch_norm_double_backward (pip install --no-build-isolation .)")
     if variant == "qgrad_torch_ops":
-        monkeypatch.setattr(bn_ops, "_cpp_kernel", None)
+        monkeypatch.setenv("QGRAD_BACKEND", "torch")
     fn = F.batch_norm if variant == "torch" else bn_ops.batch_norm
     args = _case(shape, training)
     benchmark.pedantic(_step, args=(fn, *args, training), rounds=30, warmup_rounds=3)
