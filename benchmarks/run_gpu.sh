@@ -66,8 +66,10 @@ for stage in $stages; do
             --benchmark-only --benchmark-json "$out/gpu_penalty_step.json" -q
         ;;
     bench_kernels)
+        select=()  # QGRAD_BENCH_KERNELS_K: a pytest -k expression, e.g. "not torch_compile"
+        [ -n "${QGRAD_BENCH_KERNELS_K:-}" ] && select=(-k "$QGRAD_BENCH_KERNELS_K")
         run bench_kernels "${QGRAD_BENCH_KERNELS_LIMIT:-300}" python -m pytest benchmarks/test_fake_quant_kernels.py \
-            benchmarks/test_batch_norm.py --benchmark-only --benchmark-json "$out/gpu_kernels.json" -q
+            benchmarks/test_batch_norm.py --benchmark-only --benchmark-json "$out/gpu_kernels.json" -q "${select[@]}"
         ;;
     profile)
         for spec in resnet18:128 vgg_like:128 resnet18:512; do

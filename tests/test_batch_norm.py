@@ -3,12 +3,17 @@
 Three independent routes to every derivative: PyTorch's own ``torch.nn.functional.batch_norm`` through autograd
 (first and second derivatives), autograd through the plain-op :func:`batch_norm_backward_ref`, and finite
 differences (``gradcheck`` / ``gradgradcheck``). The closed forms of :func:`batch_norm_double_backward_ref` are
-checked against the autograd route as well. The double backward has two implementations, the C++ kernel of
-``qgrad._C`` and the PyTorch-op fallback; the ``double_backward`` fixture runs the tests on each.
+checked against the autograd route as well. The double backward has three implementations, the C++ kernel of
+``qgrad._C``, the Triton kernels of ``qgrad.kernels`` (under Triton's interpreter on a CPU) and the PyTorch-op
+fallback; the ``double_backward`` fixture runs the tests on each. The Triton launcher is also compared directly
+with the PyTorch ops (and the C++ kernel) on odd shapes, every optional input and every requested subset of
+results, and, on a GPU (``gpu`` tests), with a float64 computation in float32, float16 and bfloat16.
 """
 
 import copy
 import io
+import math
+import os
 import pickle
 
 import pytest
@@ -21,15 +26,16 @@ from qgrad.nn.batch_norm import BatchNorm1d, BatchNorm2d, BatchNorm3d, convert_b
 from qgrad.ops.batch_norm import batch_norm
 from qgrad.ops.dispatch import cpu_kernel
 from qgrad.penalties import L1GradPenalty
-from qgrad.reference import batch_norm_backward_ref, batch_norm_double_backward_ref, batch_norm_ref
+from qgrad.reference import batch_norm_backward_ref, batch_norm_double_backward_ref
 
 F64 = torch.float64
+INTERPRETER_BF16 = "the Triton interpreter converts float32 to bfloat16 by truncation (GPUs round to nearest even)"
 # (2, 3, 5, 4) and (64, 2, 160) take the kernel's per-channel segment loops (the latter folds its float sums
 # mid-channel), the others its column blocks ((130, 3): more rows than one fold, (3, 4500): two blocks)
 SHAPES = [(3, 5, 7, 2), (4, 6), (2, 3, 9), (1, 4, 3, 3), (2, 3, 5, 4), (130, 3), (3, 4500), (64, 2, 160)]
 
 
-@pytest.fixture(params=["cpp", "torch"])
+@pytest.fixture(params=["cpp", "triton", "torch"])
 def double_backward(request, monkeypatch):
     """Selects the implementation of the fused double backward for the test."""
     return select_cpu_implementation("batch_norm_double_backward", request.param, monkeypatch)
@@ -63,18 +69,22 @@ def _inputs(shape, affine, dtype=F64, seed=0, offset=2.0):
 
 
 def _first_and_second(fn, x, w, b, rm, rv, training, momentum, seed=1):
-    """Output, running stats, first grads (create_graph) and second grads of a random contraction."""
+    """Output, running stats, first grads (create_graph) and second grads of a random contraction.
+
+    The random tensors are drawn in float64 and rounded to the dtype they are used in: ``randn`` draws
+    different sequences for different dtypes, and a low-precision run must differentiate the same
+    contraction as its float64 counterpart."""
     gen = torch.Generator().manual_seed(seed)
     x = x.detach().requires_grad_()
     params = [None if p is None else p.detach().requires_grad_() for p in (w, b)]
     rm = None if rm is None else rm.clone()
     rv = None if rv is None else rv.clone()
     y = fn(x, rm, rv, params[0], params[1], training, momentum, 1e-5)
-    dy = torch.randn(y.shape, generator=gen, dtype=y.dtype).requires_grad_()
+    dy = torch.randn(y.shape, generator=gen, dtype=F64).to(y.device, y.dtype).requires_grad_()
     inputs = [x] + [p for p in params if p is not None]
     firsts = torch.autograd.grad(y, inputs, dy, create_graph=True)
     # the contraction touches every first gradient: sum(ggx * dx) + ggw . dw + ggb . db
-    s = sum((g * torch.randn(g.shape, generator=gen, dtype=g.dtype)).sum() for g in firsts)
+    s = sum((g * torch.randn(g.shape, generator=gen, dtype=F64).to(g.device, g.dtype)).sum() for g in firsts)
     seconds = torch.autograd.grad(s, inputs + [dy], allow_unused=True)
     seconds = [torch.zeros_like(t) if g is None else g for g, t in zip(seconds, inputs + [dy])]
     return y, rm, rv, list(firsts), seconds
@@ -175,6 +185,8 @@ def test_double_backward_matches_autograd_of_reference(shape, training, affine, 
 @pytest.mark.parametrize("param_dtype", ["float32", "same"])
 def test_low_precision_error_at_most_twice_torch(dtype, training, param_dtype, double_backward):
     """Against a float64 computation, qgrad's error is at most twice PyTorch's in the same low precision."""
+    if double_backward == "triton" and dtype == torch.bfloat16:
+        pytest.skip(INTERPRETER_BF16)
     x64, w64, b64, rm, rv = _inputs((8, 6, 5, 5), affine=True, offset=1.0)
     pdt = torch.float32 if param_dtype == "float32" else dtype
     # PyTorch's CPU kernel takes parameters and running statistics of one dtype: float32, or that of x
@@ -417,21 +429,312 @@ def test_l1_penalty_gradient_unchanged_by_conversion(mode, double_backward):
         assert torch.equal(sd_ours[k], sd_ref[k]), k
 
 
+def _kernel_arguments(device="cpu"):
+    """Valid arguments of a double-backward kernel, and changes to them that it must reject (with the message)."""
+    x, dy, c = (torch.randn(2, 3, 4, device=device), torch.randn(2, 3, 4, device=device),
+                torch.ones(3, device=device))
+    good = dict(ggx=None, ggw=None, ggb=None, dy=dy, x=x, weight=None, mean=c, invstd=c, sum_dy=None,
+                sum_dy_xhat=None, training=True, need_dy=True, need_x=True, need_w=True)
+    bad = [
+        (dict(dy=torch.randn(2, 3, 5, device=device)), "dy must have the shape of x"),
+        (dict(ggx=torch.randn(2, 3, 4, dtype=F64, device=device)), "ggx must have the dtype of x"),
+        (dict(mean=torch.ones(4, device=device)), "mean must be 1-d of length 3"),
+        (dict(x=x.long(), dy=dy.long()), "x must be float32, float64, float16 or bfloat16"),
+        (dict(x=torch.randn(3, device=device), dy=torch.randn(3, device=device), mean=c[:1], invstd=c[:1]),
+         "shape \\(N, C"),
+    ]
+    return good, bad
+
+
 def test_cpp_kernel_rejects_bad_arguments():
     kernel = cpu_kernel("batch_norm_double_backward")
     if kernel is None:
         pytest.skip("qgrad._C is not built with batch_norm_double_backward (pip install --no-build-isolation .)")
-    x, dy, c = torch.randn(2, 3, 4), torch.randn(2, 3, 4), torch.ones(3)
-    good = dict(ggx=None, ggw=None, ggb=None, dy=dy, x=x, weight=None, mean=c, invstd=c, sum_dy=None,
-                sum_dy_xhat=None, training=True, need_dy=True, need_x=True, need_w=True)
+    good, bad = _kernel_arguments()
     kernel(**good)
-    bad = [
-        (dict(dy=torch.randn(2, 3, 5)), "dy must have the shape of x"),
-        (dict(ggx=torch.randn(2, 3, 4, dtype=F64)), "ggx must have the dtype of x"),
-        (dict(mean=torch.ones(4)), "mean must be 1-d of length 3"),
-        (dict(x=x.long(), dy=dy.long()), "x must be float32, float64, float16 or bfloat16"),
-        (dict(x=torch.randn(3), dy=torch.randn(3), mean=torch.ones(1), invstd=torch.ones(1)), "shape \\(N, C"),
-    ]
     for change, match in bad:
         with pytest.raises(ValueError, match=match):
             kernel(**{**good, **change})
+
+
+def test_each_implementation_is_the_one_that_runs(double_backward, monkeypatch):
+    from qgrad import kernels
+    from qgrad.ops import dispatch
+
+    ran = []
+
+    def spy(name, real):
+        return lambda *args: ran.append(name) or real(*args)
+
+    if kernels.is_available()[0]:
+        monkeypatch.setattr(
+            kernels, "batch_norm_double_backward", spy("triton", kernels.batch_norm_double_backward)
+        )
+    kernel = dispatch.cpu_kernel("batch_norm_double_backward")
+    if kernel is not None:  # the loader's cache is what the op reads
+        monkeypatch.setitem(dispatch._CPU_KERNELS, "batch_norm_double_backward", (spy("cpp", kernel), ""))
+    x = torch.randn(4, 3, 5, requires_grad=True)
+    gx = torch.autograd.grad(batch_norm(x, None, None, training=True).pow(3).sum(), x, create_graph=True)[0]
+    gx.square().sum().backward()
+    assert ran == ([] if double_backward == "torch" else [double_backward])
+
+
+def test_an_explicit_triton_request_that_cannot_run_raises(monkeypatch):
+    from qgrad import kernels
+    from qgrad.ops.dispatch import use_backend
+
+    monkeypatch.setattr(kernels, "is_available", lambda: (False, "the test says no"))
+
+    def second_derivative():
+        x = torch.randn(4, 3, 5, requires_grad=True)
+        gx = torch.autograd.grad(batch_norm(x, None, None, training=True).pow(3).sum(), x, create_graph=True)[0]
+        return torch.autograd.grad(gx.square().sum(), x)[0]
+
+    with use_backend("triton"), pytest.raises(RuntimeError, match="'triton' was requested but the test says no"):
+        second_derivative()
+    with use_backend("auto"):  # falls back to the C++ kernel or the PyTorch ops
+        second_derivative()
+
+
+# ------------------------------------------------------------------------------------------ Triton launcher
+# Direct tests of qgrad.kernels.batch_norm_double_backward: on CPU tensors under the interpreter, on CUDA
+# tensors where there is a GPU.
+@pytest.fixture
+def triton_bn():
+    """The module of the Triton launcher and the device its tests run on."""
+    from qgrad import kernels
+
+    ok, why = kernels.is_available()
+    if not ok:
+        pytest.skip(f"Triton cannot run here: {why}")
+    import qgrad.kernels.batch_norm as kb
+
+    return kb, torch.device("cpu" if kb._INTERPRETED else "cuda")
+
+
+def _launcher_inputs(shape, dtype, device, training, seed=0):
+    """Every argument of the launcher, drawn in float64 and rounded: x, dy, ggx in ``dtype``, the (C,) tensors
+    in float32 (float64 for float64 inputs); batch statistics of x in training mode, others in eval mode;
+    ``sum_dy`` and ``sum_dy_xhat`` as the first backward computes them."""
+    gen = torch.Generator().manual_seed(seed)
+    c = shape[1]
+    pdt = F64 if dtype == F64 else torch.float32
+    dims = (0,) + tuple(range(2, len(shape)))
+
+    def draw(size, scale=1.0, offset=0.0, out=dtype):
+        return (torch.randn(size, generator=gen, dtype=F64) * scale + offset).to(out).to(device)
+
+    x, dy, ggx = draw(shape, 3.0, 2.0), draw(shape), draw(shape)
+    if training:
+        var, mean = torch.var_mean(x.to(pdt), dim=dims, correction=0)
+        invstd = torch.rsqrt(var + 1e-5)
+    else:
+        mean, invstd = draw(c, out=pdt), (torch.rand(c, generator=gen, dtype=F64) + 0.5).to(pdt).to(device)
+    xhat = (x.to(pdt) - mean.reshape((1, c) + (1,) * (len(shape) - 2))) * invstd.reshape(
+        (1, c) + (1,) * (len(shape) - 2)
+    )
+    return dict(
+        ggx=ggx, ggw=draw(c, out=pdt), ggb=draw(c, out=pdt), dy=dy, x=x, weight=draw(c, out=pdt),
+        mean=mean, invstd=invstd, sum_dy=dy.to(pdt).sum(dims), sum_dy_xhat=(dy.to(pdt) * xhat).sum(dims),
+    )
+
+
+# which optional arguments are None
+LAUNCHER_VARIANTS = {
+    "all": (),
+    "no_sums": ("sum_dy", "sum_dy_xhat"),
+    "no_ggx": ("ggx",),
+    "no_affine": ("weight", "ggw", "ggb", "sum_dy", "sum_dy_xhat"),
+    "ggw_only": ("ggx", "ggb", "sum_dy", "sum_dy_xhat"),
+}
+NEEDS = [(dy, x, w) for dy in (False, True) for x in (False, True) for w in (False, True)]
+LAUNCHER_DTYPES = [
+    torch.float32,
+    F64,
+    torch.float16,
+    pytest.param(torch.bfloat16, marks=pytest.mark.skipif(
+        not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") == "1",
+        reason=INTERPRETER_BF16,
+    )),
+]
+
+
+def _rel_tol(dtype):
+    """Relative tolerance of d_dy / d_x against the PyTorch ops: a few float32 roundings for float32 (the ops
+    round every intermediate, the kernel keeps its coefficients in float64), a few float64 ones for float64,
+    one rounding of the output for float16 / bfloat16."""
+    return {torch.float32: 1e-5, F64: 1e-12}.get(dtype, torch.finfo(dtype).eps)
+
+
+def _assert_rel(actual, expected, rtol, what):
+    """|actual - expected| <= rtol * (|expected| + max|expected|), elementwise."""
+    _assert_close(actual, expected, rtol, rtol * expected.double().abs().max().item(), what)
+
+
+def _run_launcher(kb, args, training, need):
+    return kb.batch_norm_double_backward(
+        args["ggx"], args["ggw"], args["ggb"], args["dy"], args["x"], args["weight"], args["mean"], args["invstd"],
+        args["sum_dy"], args["sum_dy_xhat"], training, *need,
+    )
+
+
+def _check_launcher(kb, args, training, need, what):
+    """The launcher against _double_backward_torch (values, None pattern, dtypes) and, on CPU tensors, the
+    C++ kernel (the same results, of the same dtypes)."""
+    from qgrad.ops.batch_norm import _double_backward_torch
+
+    got = _run_launcher(kb, args, training, need)
+    expected = _double_backward_torch(
+        args["ggx"], args["ggw"], args["ggb"], args["dy"], args["x"], args["weight"], args["mean"],
+        args["invstd"], training, need, args["sum_dy"], args["sum_dy_xhat"],
+    )
+    x = args["x"]
+    rtol = _rel_tol(x.dtype)
+    for name, a, e, n in zip(("d_dy", "d_x", "d_w"), got, expected, need):
+        where = f"{what} need={need} {name}"
+        if not n:
+            assert a is None, f"{where}: not requested but returned"
+            continue
+        if name == "d_w":
+            assert a.dtype == F64 and a.shape == (x.shape[1],), f"{where}: {a.dtype} {tuple(a.shape)}"
+            # float32 sums for every input dtype but float64
+            _assert_rel(a, e, 1e-12 if x.dtype == F64 else 1e-5, where)
+            continue
+        assert a.dtype == x.dtype and a.shape == x.shape and a.is_contiguous(), f"{where}: {a.dtype}"
+        if e is None:  # eval mode without ggw: identically zero, which the PyTorch ops report as None
+            assert not training and args["ggw"] is None and not a.any(), f"{where}: not zero"
+        else:
+            _assert_rel(a, e, rtol, where)
+    cpp = cpu_kernel("batch_norm_double_backward") if x.device.type == "cpu" else None
+    if cpp is not None:
+        ref = cpp(*(args[k] for k in ("ggx", "ggw", "ggb", "dy", "x", "weight", "mean", "invstd", "sum_dy",
+                                      "sum_dy_xhat")), training, *need)
+        for name, a, e in zip(("d_dy", "d_x", "d_w"), got, ref):
+            where = f"{what} need={need} {name} against the C++ kernel"
+            assert (a is None) == (e is None), f"{where}: None pattern differs"
+            if a is not None:
+                assert a.dtype == e.dtype and a.shape == e.shape, f"{where}: {a.dtype} vs {e.dtype}"
+                _assert_rel(a, e, 1e-12 if x.dtype == F64 else rtol, where)
+    return got
+
+
+@pytest.mark.parametrize("shape", [(3, 5), (2, 3, 7), (4, 6, 5, 3), (1, 4, 3, 3), (6, 3, 1, 1), (1, 5),
+                                   (2, 3, 16, 16)])
+@pytest.mark.parametrize("dtype", LAUNCHER_DTYPES)
+@pytest.mark.parametrize("training", [True, False])
+def test_triton_launcher_matches_torch_ops(triton_bn, shape, dtype, training):
+    """Odd shapes ((1, 5): batch 1 and S = 1; (2, 3, 16, 16): one channel per elementwise block), every
+    optional argument present or None, every subset of requested results."""
+    kb, device = triton_bn
+    if training and shape[0] * math.prod(shape[2:]) == 1:
+        pytest.skip("one value per channel: batch_norm rejects it in training mode (and every result is 0 up to "
+                    "rounding noise, which a relative tolerance cannot judge)")
+    full = _launcher_inputs(shape, dtype, device, training)
+    for variant, absent in LAUNCHER_VARIANTS.items():
+        args = {k: (None if k in absent else v) for k, v in full.items()}
+        for need in NEEDS:
+            _check_launcher(kb, args, training, need, f"{variant} {dtype} {shape}")
+
+
+class _LaunchSpy:
+    """Stands in for a @triton.jit kernel: records each launch's grid and INT64 flag, then launches."""
+
+    def __init__(self, kernel):
+        self.kernel, self.launches = kernel, []
+
+    def __getitem__(self, grid):
+        def launch(*args, **kwargs):
+            self.launches.append((grid, kwargs["INT64"]))
+            return self.kernel[grid](*args, **kwargs)
+
+        return launch
+
+
+@pytest.mark.parametrize("shape", [(5, 3, 7, 6), (37, 6), (9, 70, 3)])
+def test_triton_launcher_split_reduction_and_int64_offsets(triton_bn, shape, monkeypatch):
+    """Small tiles make every channel block span many tiles, so the sums are split over several programs
+    (``SPLIT > 1``), with masked rows, channels and columns; a zero int32 limit forces the int64 offsets."""
+    kb, device = triton_bn
+    monkeypatch.setattr(kb, "_SUM_TILE", 8)
+    sums = _LaunchSpy(kb._bn_sums_kernel)
+    monkeypatch.setattr(kb, "_bn_sums_kernel", sums)
+    for limit in (2**31 - 1, 0):
+        monkeypatch.setattr(kb, "_INT32_LIMIT", limit)
+        for training in (True, False):
+            args = _launcher_inputs(shape, F64, device, training)
+            args["sum_dy"] = args["sum_dy_xhat"] = None
+            _check_launcher(kb, args, training, (True, True, True), f"limit {limit} {shape}")
+    assert all(grid[1] > 1 for grid, _ in sums.launches), sums.launches
+    assert {int64 for _, int64 in sums.launches} == {False, True}
+
+
+def test_triton_launcher_rejects_bad_arguments(triton_bn):
+    kb, device = triton_bn
+    good, bad = _kernel_arguments(device)
+    kb.batch_norm_double_backward(**good)
+    if device.type == "cuda":
+        cpu = dict(x=good["x"].cpu(), dy=good["dy"].cpu())
+        bad += [(dict(mean=good["mean"].cpu()), "mean is on cpu but x is on cuda"),
+                (dict(cpu, mean=good["mean"].cpu(), invstd=good["invstd"].cpu()), "need a CUDA tensor")]
+    for change, match in bad:
+        with pytest.raises(ValueError, match=match):
+            kb.batch_norm_double_backward(**{**good, **change})
+
+
+def test_triton_launcher_handles_empty_inputs(triton_bn):
+    kb, device = triton_bn
+    args = _launcher_inputs((0, 3, 4), torch.float32, device, training=False)
+    d_dy, d_x, d_w = _run_launcher(kb, args, True, (True, True, True))
+    assert d_dy.shape == d_x.shape == (0, 3, 4) and d_w.dtype == F64 and not d_w.any()
+
+
+# ------------------------------------------------------------------------------------------ GPU
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("shape", [(32, 64, 16, 16), (64, 512, 4, 4), (512, 384), (16, 96, 7, 7)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("training,sums", [(True, False), (True, True), (False, False)])
+def test_triton_launcher_on_gpu_against_float64(shape, dtype, training, sums):
+    """On CUDA tensors, against _double_backward_torch on the same values in float64: the kernel's error is at
+    most twice that of the PyTorch ops run on the low-precision inputs, plus one rounding of the output."""
+    from qgrad.kernels import batch_norm_double_backward
+    from qgrad.ops.batch_norm import _double_backward_torch
+
+    args = _launcher_inputs(shape, dtype, torch.device("cuda"), training, seed=4)
+    if not sums:
+        args["sum_dy"] = args["sum_dy_xhat"] = None
+    keys = ("ggx", "ggw", "ggb", "dy", "x", "weight", "mean", "invstd")
+    need = (True, True, True)
+    ours = batch_norm_double_backward(*(args[k] for k in keys), args["sum_dy"], args["sum_dy_xhat"], training, *need)
+    theirs = _double_backward_torch(*(args[k] for k in keys), training, need, args["sum_dy"], args["sum_dy_xhat"])
+    exact = _double_backward_torch(
+        *(None if args[k] is None else args[k].double() for k in keys), training, need,
+        *(None if args[k] is None else args[k].double() for k in ("sum_dy", "sum_dy_xhat")),
+    )
+    assert ours[0].dtype == ours[1].dtype == dtype and ours[2].dtype == F64
+    for name, a, t, e in zip(("d_dy", "d_x", "d_w"), ours, theirs, exact):
+        scale = e.abs().max().item() + 1e-30
+        err_ours = (a.double() - e).abs().max().item() / scale
+        err_torch = (t.double() - e).abs().max().item() / scale
+        floor = torch.finfo(t.dtype).eps
+        assert err_ours <= 2 * err_torch + floor, f"{name}: error {err_ours:.3g} vs PyTorch ops {err_torch:.3g}"
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("training", [True, False])
+def test_cuda_double_backward_runs_the_triton_kernel(training, monkeypatch):
+    """batch_norm's double backward on CUDA tensors goes through the Triton kernel and matches PyTorch's own
+    second derivatives (float64)."""
+    from qgrad import kernels
+
+    monkeypatch.delenv("QGRAD_BACKEND", raising=False)
+    ran = []
+    real = kernels.batch_norm_double_backward
+    monkeypatch.setattr(kernels, "batch_norm_double_backward", lambda *args: ran.append(1) or real(*args))
+    x, w, b, rm, rv = (None if t is None else t.cuda() for t in _inputs((8, 5, 6, 6), affine=True))
+    ours = _first_and_second(batch_norm, x, w, b, rm, rv, training, 0.1)
+    ref = _first_and_second(F.batch_norm, x, w, b, rm, rv, training, 0.1)
+    assert ran
+    for a, e in zip(ours[3] + ours[4], ref[3] + ref[4]):
+        _assert_close(a, e, 1e-10, 1e-10, "gradient")

@@ -174,7 +174,7 @@ def test_finetune_from_init_regularizes_throughout(runs, tmp_path, penalty, term
 def test_l1_modes_train_and_differ_from_the_exact_run(runs, tmp_path, mode):
     init = runs["full"] / "model.pt"
     common = dict(**TINY, epochs=1, penalty="l1", lam=0.05, penalty_epochs=0, init=str(init))
-    exact = train(TrainConfig(**common, out=str(tmp_path / "exact")), progress=False)
+    train(TrainConfig(**common, out=str(tmp_path / "exact")), progress=False)
     result = train(TrainConfig(**common, **mode, out=str(tmp_path / "mode")), progress=False)
     config = json.loads((tmp_path / "mode" / "config.json").read_text())
     assert {k: config[k] for k in mode} == mode

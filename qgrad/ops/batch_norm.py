@@ -13,9 +13,13 @@ The chain, top to bottom:
   running-statistics update bit-identical to ``torch.nn.functional.batch_norm``;
 * :class:`BatchNormFn` (autograd node of the forward) whose backward calls :class:`BatchNormBackwardFn`;
 * :class:`BatchNormBackwardFn`, whose backward is the fused double backward, computed by
+  ``qgrad.kernels.batch_norm_double_backward`` (``kernels/batch_norm.py``: a split per-channel reduction,
+  a coefficient kernel and one elementwise pass; three launches) for CUDA tensors, by
   ``qgrad._C.batch_norm_double_backward`` (``csrc/cpu/batch_norm.cpp``: two passes per channel) for CPU
   tensors when the compiled extension provides it, and otherwise by :func:`_double_backward_torch` (a dozen
-  large PyTorch ops on the compute dtype; every device, and the fallback when the extension is not built);
+  large PyTorch ops on the compute dtype: under ``QGRAD_BACKEND=torch``, and where neither kernel can run);
+  ``QGRAD_BACKEND=triton`` runs the Triton kernels on CPU tensors too, under ``TRITON_INTERPRET=1`` (a test
+  vehicle), and raises ``RuntimeError`` where they cannot run;
 * :func:`batch_norm`, the public function (same signature and semantics as
   ``torch.nn.functional.batch_norm``);
 * :func:`qgrad.reference.batch_norm_double_backward_ref`, the formulas written out with plain ops.
@@ -31,7 +35,7 @@ from typing import Optional, Tuple
 
 import torch
 
-from qgrad.ops.dispatch import cpu_kernel
+from qgrad.ops.dispatch import cpu_kernel, triton_kernel
 from qgrad.reference import batch_norm_double_backward_ref, compute_dtype
 
 __all__ = ["batch_norm", "BatchNormFn", "BatchNormBackwardFn"]
@@ -155,7 +159,8 @@ class BatchNormBackwardFn(torch.autograd.Function):
     running_var)`` (copies taken at forward time) in eval mode; they are constants of this node, the
     dependence of the batch statistics on ``x`` being part of the derivative formulas. ``dweight`` and
     ``dbias`` are sums of ``dy * xhat`` and ``dy`` per channel (returned even when ``weight`` is None).
-    Its backward is the fused double backward (the C++ kernel on CPU, else :func:`_double_backward_torch`);
+    Its backward is the fused double backward (the Triton kernels on CUDA, the C++ kernel on CPU, else
+    :func:`_double_backward_torch`);
     under ``create_graph=True`` it is the differentiable reference formula instead (see the module docstring).
     In eval mode without ``ggw`` the gradient w.r.t. ``x`` is identically zero and is returned as None.
     """
@@ -221,17 +226,16 @@ class BatchNormBackwardFn(torch.autograd.Function):
                 invstd = torch.rsqrt(var + eps)
             else:
                 mean, invstd = stat_a, stat_b
-            kernel = cpu_kernel("batch_norm_double_backward")
-            if (
-                kernel is not None
-                and x.device.type == "cpu"
-                and dy.dtype == x.dtype
-                and (ggx is None or ggx.dtype == x.dtype)
-            ):
+            # both kernels take dy and ggx in the dtype of x only (the PyTorch ops take any)
+            same_dtype = dy.dtype == x.dtype and (ggx is None or ggx.dtype == x.dtype)
+            kernel = triton_kernel("batch_norm_double_backward", x.device)
+            if kernel is None and x.device.type == "cpu":
+                kernel = cpu_kernel("batch_norm_double_backward")
+            if kernel is not None and same_dtype:
                 d_dy, d_x, d_w = kernel(
                     ggx, ggw, ggb, dy, x, weight, mean, invstd, *ctx.sums, training, *need
                 )
-                if d_w is not None:
+                if d_w is not None:  # float64 from either kernel
                     d_w = d_w.to(weight.dtype if weight is not None else cdt)
             else:
                 d_dy, d_x, d_w = _double_backward_torch(

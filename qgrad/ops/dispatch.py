@@ -196,6 +196,28 @@ def cpu_kernel(name: str) -> Optional[Callable]:
     return kernel
 
 
+def triton_kernel(name: str, device: torch.device) -> Optional[Callable]:
+    """``qgrad.kernels.<name>``, the Triton launcher of an op outside fake quantization, for tensors on
+    ``device``: used for CUDA tensors unless the backend in force is ``torch``, and for CPU tensors only when
+    ``triton`` is requested explicitly (it then runs under Triton's interpreter). None where it is not used
+    or Triton cannot run (the caller then uses :func:`cpu_kernel` or PyTorch ops); asking for ``triton``
+    explicitly when it cannot run raises."""
+    requested = requested_backend()
+    if requested == "torch" or (device.type != "cuda" and requested != "triton"):
+        return None
+    from qgrad import kernels
+
+    ok, why = kernels.is_available()
+    if ok and device.type != "cuda":
+        why = device_problem("triton", device)
+        ok = not why
+    if not ok:
+        if requested == "triton":
+            raise RuntimeError(f"backend 'triton' was requested but {why}")
+        return None
+    return getattr(kernels, name)
+
+
 _AUTO: Dict[Tuple[str, Optional[int]], Backend] = {}
 _WARNED: set = set()
 

@@ -37,11 +37,11 @@ derivative); the two agree to float rounding in value and gradient.
 """
 from __future__ import annotations
 
-from typing import Callable, List, Optional, Sequence, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 import torch
 
-from qgrad.ops.dispatch import cpu_kernel, device_problem, requested_backend
+from qgrad.ops.dispatch import cpu_kernel, triton_kernel
 
 __all__ = [
     "multi_l1_norm",
@@ -89,27 +89,6 @@ def _check_tensors(tensors: Sequence[torch.Tensor]) -> List[torch.Tensor]:
     return items
 
 
-def _triton_kernel(device: torch.device) -> Optional[Callable]:
-    """``qgrad.kernels.l1_norm_sign`` for CUDA tensors unless the backend in force is ``torch`` (and for CPU
-    tensors when ``triton`` is requested explicitly, which runs them under Triton's interpreter); None where
-    it is not used or Triton cannot run (the caller then uses the C++ kernel or PyTorch ops). Requesting
-    ``triton`` explicitly when it cannot run raises."""
-    requested = requested_backend()
-    if requested == "torch" or (device.type != "cuda" and requested != "triton"):
-        return None
-    from qgrad import kernels
-
-    ok, why = kernels.is_available()
-    if ok and device.type != "cuda":
-        why = device_problem("triton", device)
-        ok = not why
-    if not ok:
-        if requested == "triton":
-            raise RuntimeError(f"backend 'triton' was requested but {why}")
-        return None
-    return kernels.l1_norm_sign
-
-
 def l1_norm_sign(
     tensors: Sequence[torch.Tensor], keep_sign: bool
 ) -> Tuple[torch.Tensor, Optional[List[torch.Tensor]]]:
@@ -122,9 +101,9 @@ def l1_norm_sign(
     """
     dtype = _result_dtype(tensors)
     with torch.no_grad():
-        triton_kernel = _triton_kernel(tensors[0].device)
-        if triton_kernel is not None:
-            return triton_kernel(tensors, keep_sign, dtype)
+        launcher = triton_kernel("l1_norm_sign", tensors[0].device)
+        if launcher is not None:
+            return launcher(tensors, keep_sign, dtype)
         kernel = cpu_kernel("l1_norm_sign") if tensors[0].device.type == "cpu" else None
         if kernel is not None:
             norms, signs = kernel(list(tensors), keep_sign)
