@@ -499,9 +499,11 @@ def test_l1_norm_sign_kernel(dtype):
         assert s.dtype == torch.int8 and s.shape == t.shape
         assert torch.equal(s, torch.sign(t).nan_to_num(0.0).to(torch.int8))
     assert K.l1_norm_sign(tensors, False, acc)[1] is None
-    for k in (0, 4, 6):  # one tensor alone takes the launch without a table; the same sums and signs
+    for k in (0, 4, 6):  # one tensor alone takes the launch without a table
         one_norm, (one_sign,) = K.l1_norm_sign([tensors[k]], True, acc)
-        assert torch.equal(one_norm, norms[k : k + 1]) and torch.equal(one_sign, signs[k])
+        assert torch.equal(one_sign, signs[k])
+        # the same block sums, added by torch in an order that may depend on the partial buffer's shape
+        torch.testing.assert_close(one_norm, norms[k : k + 1], rtol=1e-6 if acc == torch.float32 else 1e-13, atol=0)
     # through the op: the gradient is coeff * sign(t), as in the plain-op reference
     leaves = [t.detach().requires_grad_() for k, t in enumerate(tensors) if k != 3]
     coeff = torch.linspace(-2, 2, len(leaves), dtype=acc, device=DEVICE)
