@@ -62,15 +62,17 @@ def _step_fn(mode, args, device):
     elif mode == "exact_autograd":
         backward = _autograd_penalty(model)
     else:
-        kwargs = {"worst_case": {"method": "worst-case"}}.get(mode, {})
+        kwargs = {"worst_case": {"method": "worst-case"}, "every4": {"every": 4}}.get(mode, {})
         penalty = L1GradPenalty(model, weight=LAMBDA, activation=LAMBDA, **kwargs)
         backward = lambda loss: penalty.backward(loss, loss_fn)  # noqa: E731
 
     def step():
-        model.zero_grad(set_to_none=True)
-        backward(loss_fn())
+        # every4: one penalized and three plain steps, reported per step
+        for _ in range(4 if mode == "every4" else 1):
+            model.zero_grad(set_to_none=True)
+            backward(loss_fn())
 
-    return step
+    return step, (4 if mode == "every4" else 1)
 
 
 def _sync(device):
@@ -88,7 +90,7 @@ def main(argv=None):
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
     parser.add_argument("--modes", nargs="+", default=["plain", "exact_autograd", "exact_qgrad"],
-                        choices=["plain", "exact_autograd", "exact_qgrad", "worst_case"])
+                        choices=["plain", "exact_autograd", "exact_qgrad", "every4", "worst_case"])
     args = parser.parse_args(argv)
     device = torch.device(args.device)
     cuda = device.type == "cuda"
@@ -98,7 +100,7 @@ def main(argv=None):
           f"{args.steps} profiled steps; times are per step\n")
     totals = {}
     for mode in ["plain"] + [m for m in args.modes if m != "plain"]:
-        step = _step_fn(mode, args, device)
+        step, per = _step_fn(mode, args, device)
         for _ in range(3):
             step()
         _sync(device)
@@ -108,33 +110,34 @@ def main(argv=None):
             step()
             _sync(device)
             walls.append(time.perf_counter() - t0)
-        wall = 1e3 * statistics.median(walls)
+        wall = 1e3 * statistics.median(walls) / per
         activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
         with profile(activities=activities) as prof:
             for _ in range(args.steps):
                 step()
             _sync(device)
         events = prof.key_averages()
-        cpu_total = sum(e.self_cpu_time_total for e in events) / args.steps / 1e3
+        steps = args.steps * per
+        cpu_total = sum(e.self_cpu_time_total for e in events) / steps / 1e3
         line = f"### {mode}: {wall:.1f} ms wall per step (median of {len(walls)}), {cpu_total:.1f} ms self CPU"
         tables = [("self CPU", [e for e in events if e.self_cpu_time_total > 0], "self_cpu_time_total")]
         if cuda:
             # kernels only: an operator's self device time is the time of the kernels it launched, which
             # are listed (and would be counted) again as events of their own
             kernels = [e for e in events if e.device_type == DeviceType.CUDA and e.self_device_time_total > 0]
-            gpu_total = sum(e.self_device_time_total for e in kernels) / args.steps / 1e3
-            launches = sum(e.count for e in kernels) / args.steps
+            gpu_total = sum(e.self_device_time_total for e in kernels) / steps / 1e3
+            launches = sum(e.count for e in kernels) / steps
             line += f", {gpu_total:.1f} ms of GPU kernels in {launches:.0f} kernels/copies"
             tables.insert(0, ("GPU", kernels, "self_device_time_total"))
         totals[mode] = wall
         print(f"{line} ({wall / totals['plain']:.2f}x plain wall)\n")
         for label, ranked, by in tables:
-            total = sum(getattr(e, by) for e in ranked) / args.steps / 1e3
+            total = sum(getattr(e, by) for e in ranked) / steps / 1e3
             print(f"| {'kernel' if label == 'GPU' else 'operator'} | {label} ms/step | % | calls/step |")
             print("| --- | ---: | ---: | ---: |")
             for e in sorted(ranked, key=lambda e: -getattr(e, by))[: args.top]:
-                ms = getattr(e, by) / args.steps / 1e3
-                print(f"| `{e.key[:80]}` | {ms:.2f} | {100 * ms / total:.1f} | {e.count / args.steps:.0f} |")
+                ms = getattr(e, by) / steps / 1e3
+                print(f"| `{e.key[:80]}` | {ms:.2f} | {100 * ms / total:.1f} | {e.count / steps:.0f} |")
             print()
 
 
