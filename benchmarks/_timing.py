@@ -1,4 +1,5 @@
-"""Timing helpers shared by the benchmark files: wall clock after warm-up (callers synchronize devices)."""
+"""Helpers shared by the benchmark files: wall clock after warm-up (callers synchronize devices), copy bandwidth,
+the Triton version for the results."""
 import statistics
 import time
 
@@ -36,3 +37,12 @@ def copy_gbps(numel, device="cpu", timer=median_ms):
         y = torch.empty_like(x)
         _COPY_GBPS[key] = 2 * numel * x.element_size() / (timer(lambda: y.copy_(x)) * 1e-3) / 1e9
     return _COPY_GBPS[key]
+
+
+def triton_version():
+    """The installed Triton's version, or None without Triton (recorded in each result's ``extra_info``)."""
+    try:
+        import triton
+    except ImportError:
+        return None
+    return triton.__version__

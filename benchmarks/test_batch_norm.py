@@ -21,7 +21,7 @@ import statistics
 import pytest
 import torch
 import torch.nn.functional as F
-from _timing import wall_times
+from _timing import triton_version, wall_times
 
 import qgrad.models
 import qgrad.ops.batch_norm as bn_ops
@@ -84,6 +84,7 @@ def test_batch_norm_double_backward(benchmark, monkeypatch, shape, training, var
         device=torch.cuda.get_device_name() if CUDA else "cpu",
         threads=torch.get_num_threads(),
         torch=torch.__version__,
+        triton=triton_version(),
         speedup_vs_torch=_TORCH_MEDIANS[key] / median if key in _TORCH_MEDIANS else None,
     )
 
@@ -123,6 +124,7 @@ def test_penalized_resnet18_step(benchmark, bn):
         device=torch.cuda.get_device_name() if CUDA else "cpu",
         threads=torch.get_num_threads(),
         torch=torch.__version__,
+        triton=triton_version(),
         plain_step_s=plain_s,
         ratio_to_plain=benchmark.stats.stats.median / plain_s,
     )

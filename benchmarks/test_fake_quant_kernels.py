@@ -18,7 +18,7 @@ Triton interpreter is a correctness tool, not a performance target).
 """
 import pytest
 import torch
-from _timing import copy_gbps, median_ms
+from _timing import copy_gbps, median_ms, triton_version
 
 import qgrad.kernels as K
 import qgrad.kernels.fake_quant as FQ
@@ -147,13 +147,5 @@ def test_fake_quant_throughput(benchmark, impl, granularity, mode, numel):
         median_ms=ms, timer="triton.testing.do_bench" if CUDA else "pytest-benchmark",
         bytes=passes * numel * x.element_size(), GBps=gbps, copy_GBps=copy, fraction_of_copy=gbps / copy,
         device=torch.cuda.get_device_name() if CUDA else "cpu", threads=torch.get_num_threads(),
-        torch=torch.__version__, triton=_triton_version(),
+        torch=torch.__version__, triton=triton_version(),
     )
-
-
-def _triton_version():
-    try:
-        import triton
-    except ImportError:
-        return None
-    return triton.__version__

@@ -41,7 +41,7 @@ import sys
 import pytest
 import torch
 import torch.nn.functional as F
-from _timing import wall_times
+from _timing import triton_version, wall_times
 from torch import nn
 
 import qgrad.models
@@ -145,7 +145,7 @@ def _info(benchmark, name, mode, dtype, extra):
     benchmark.extra_info.update(
         model=name, mode=mode, dtype=dtype, width=WIDTH, batch=BATCH, lam=LAMBDA,
         device=torch.cuda.get_device_name() if CUDA else "cpu", threads=torch.get_num_threads(),
-        torch=torch.__version__, **extra,
+        torch=torch.__version__, triton=triton_version(), **extra,
     )
 
 
