@@ -6,6 +6,7 @@ fails when Triton is missing; :func:`is_available` then says why, and the launch
 """
 from __future__ import annotations
 
+import functools
 import os
 from typing import Tuple
 
@@ -21,12 +22,14 @@ else:
     _IMPORT_ERROR = None
 
 
+@functools.lru_cache(maxsize=None)
 def is_available() -> Tuple[bool, str]:
     """``(ok, reason)``: whether the Triton kernels can run here, and a one-line explanation.
 
     They can when Triton imports and either the kernels were built for the interpreter (``TRITON_INTERPRET=1``
     was set when this package was imported; they then run on CPU tensors, for testing, not speed) or a CUDA
-    device is present.
+    device is present. Neither can change within a process, so the answer is computed once: the ops ask
+    before every launch.
     """
     if _IMPORT_ERROR is not None:
         return False, f"triton could not be imported: {_IMPORT_ERROR}"

@@ -111,6 +111,9 @@ def l1_norm_sign(
     groups: Dict[torch.dtype, List[int]] = {}
     for k, t in enumerate(items):
         groups.setdefault(t.dtype, []).append(k)
+    if len(groups) == 1:  # one dtype: the norms come out in order, no scatter (a list index is a host copy)
+        norms, signs = _launch(items, keep_sign)
+        return norms.to(result_dtype), (signs if keep_sign else None)
     norms = torch.empty(len(items), dtype=result_dtype, device=items[0].device)
     signs: List[Optional[torch.Tensor]] = [None] * len(items)
     for dtype, index in groups.items():
