@@ -15,9 +15,9 @@ memory, a quarter of the alternative.
 
 Implementations (:func:`l1_norm_sign`), each reading every element once, accumulating ``|g|`` and writing
 the int8 sign, with no temporaries: on CUDA tensors the Triton kernel ``qgrad.kernels.l1_norm_sign``
-(``kernels/l1_norm.py``, one launch for all tensors of a dtype; not yet run on a GPU, tested under
-``TRITON_INTERPRET=1``); on CPU tensors the C++ kernel ``qgrad._C.l1_norm_sign`` (``csrc/cpu/l1_norm.cpp``,
-one parallel loop over all tensors). Where neither can run, or under ``QGRAD_BACKEND=torch``,
+(``kernels/l1_norm.py``, one launch for all tensors of a dtype, or one without a pointer table for a single
+tensor; tested on an H100 and under ``TRITON_INTERPRET=1``); on CPU tensors the C++ kernel
+``qgrad._C.l1_norm_sign`` (``csrc/cpu/l1_norm.cpp``, one parallel loop over all tensors). Where neither can run, or under ``QGRAD_BACKEND=torch``,
 ``abs().sum()`` and ``sign().to(int8)`` per tensor. Measured on the 38 gradients of a CIFAR ResNet-18 step
 (width 0.25, batch 32: 5.1 M float32 elements; 2-core Xeon): 4.8 ms for the C++ kernel against 6.6 ms for the
 PyTorch ops on one thread, 2.8 ms against 3.7 ms on two. The backward casts each sign tensor to its
