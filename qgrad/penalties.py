@@ -615,17 +615,17 @@ def _store_into(slots: list, i: int):
     return hook
 
 
-def _reduce(g: torch.Tensor, keep_sign: bool) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
-    """``(||g||_1, sign(g) as int8 or None)``."""
-    norms, signs = l1_norm_sign([g], keep_sign)
-    return norms[0], (signs[0] if keep_sign else None)
+def _reduce(g: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """``(||g||_1, sign(g) as int8)``."""
+    norms, signs = l1_norm_sign([g], keep_sign=True)
+    return norms[0], signs[0]
 
 
-def _reduce_into(slots: list, i: int, keep_sign: bool):
+def _reduce_into(slots: list, i: int):
     # reduces an activation gradient as soon as the backward produces it, so that it is not kept alive to
     # the end of the backward (it would add the size of every recorded activation to the peak memory)
     def hook(g: torch.Tensor) -> None:
-        slots[i] = _reduce(g, keep_sign)
+        slots[i] = _reduce(g)
 
     return hook
 
@@ -729,14 +729,15 @@ class L1GradPenalty(_GradNormPenalty):
         costing ``r`` (the forwards of plain steps run torch's own BatchNorm and convolution: the model's
         forward pre-hook sets the twins' ``fused_double_backward`` from the call counter). A penalized step
         is ``k`` times stronger than one of ``every=1``; with a large ``lambda`` or learning rate that can
-        destabilize training (see the README's mode comparison). ``backward`` reports on every call:
-        ``weight_l1`` / ``activation_l1`` of the step's gradients (plain steps read them off their own
-        backward: hooks, no extra pass), ``penalty`` the unscaled ``R`` (for ``"worst-case"`` on plain
-        steps: its first-order value ``lambda_w * weight_l1 + lambda_y * activation_l1``), and
-        ``penalty_scale``, the factor the penalty gradient got on this call (``k`` or 0.0; it averages to 1
-        over ``k`` calls). A plain step does not check that the recorded activations belong to the loss; the
-        next penalized step does. The counter is not saved with checkpoints: a resumed run starts again at a
-        penalized call.
+        destabilize training (see the README's mode comparison). ``backward`` returns the same keys on every
+        call: ``loss`` of the step, ``penalty_scale``, the factor the penalty gradient got on this call
+        (``k`` or 0.0; it averages to 1 over ``k`` calls), and ``penalty``, ``weight_l1``,
+        ``activation_l1`` as measured on the last penalized call: a plain step computes no gradient
+        statistics (reducing every activation gradient to its norm would cost a plain step 5-25% more on a
+        CPU, and more host time than the step itself on a GPU), so it repeats them, and an average over
+        steps is an average over the penalized ones. A plain step does not check that the recorded
+        activations belong to the loss; the next penalized step does. The counter is not saved with
+        checkpoints: a resumed run starts again at a penalized call.
 
         ``method="worst-case"``: one extra forward/backward at the worst-case l_inf perturbation of the
         first-order model, instead of a double backward. With ``g`` the gradients at the current point
@@ -820,6 +821,7 @@ class L1GradPenalty(_GradNormPenalty):
         self._h = h
         self._bits = bits
         self._calls = 0
+        self._last_stats: Dict[str, torch.Tensor] = {}  # every > 1: the statistics of the last penalized call
         self._second_forward: Optional[object] = None  # set while the worst-case closure runs
         self._rng = None
         self._twins: List[nn.Module] = []
@@ -913,10 +915,13 @@ class L1GradPenalty(_GradNormPenalty):
             self._calls += 1
             return loss.new_zeros((), dtype=_accumulation_dtype(loss))
         if self._method == "exact":
-            reg = self._terms(loss)[0]
+            reg, terms = self._terms(loss)
+            stats = {"penalty": reg, **terms}
             reg = reg if self._every == 1 else reg * float(self._every)
         else:
-            reg = self._worst_case(loss, closure, into_grad=False)[0]
+            reg, stats = self._worst_case(loss, closure, into_grad=False)
+        if self._every > 1:
+            self._keep_stats(stats)
         self._calls += 1
         return reg
 
@@ -933,7 +938,9 @@ class L1GradPenalty(_GradNormPenalty):
         applied = self._check_call(loss, closure)
         try:
             if not applied:
-                stats = self._plain_step(loss)
+                self._selected()
+                loss.backward()
+                stats = {"loss": loss, **self._last_stats}
             elif self._method == "exact":
                 reg, terms = self._terms(loss)
                 (loss + (reg if self._every == 1 else reg * float(self._every))).backward()
@@ -942,22 +949,29 @@ class L1GradPenalty(_GradNormPenalty):
                 stats = self._worst_case(loss, closure, into_grad=True)[1]
         finally:
             self.clear()
+        if applied and self._every > 1:
+            self._keep_stats(stats)
         self._calls += 1
         values = dict(zip(stats, _floats(list(stats.values()))))
         if self._every > 1:
             values["penalty_scale"] = float(self._every) if applied else 0.0
         return values
 
-    # ------------------------------------------------------------------ plain steps of every > 1
+    # ------------------------------------------------------------------ statistics of every > 1
+    def _keep_stats(self, stats: Dict[str, torch.Tensor]) -> None:
+        """Keep the gradient statistics of a penalized call (detached 0-d tensors) for the plain calls."""
+        self._last_stats = {k: v.detach() for k, v in stats.items() if k != "loss"}
+
+    # ------------------------------------------------------------------ worst-case
     def _capture_backward(
-        self, loss: torch.Tensor, kept: Sequence[torch.Tensor], reduced: Sequence[torch.Tensor], signs: bool
-    ) -> Tuple[List[Optional[torch.Tensor]], List[Optional[Tuple[torch.Tensor, Optional[torch.Tensor]]]]]:
+        self, loss: torch.Tensor, kept: Sequence[torch.Tensor], reduced: Sequence[torch.Tensor]
+    ) -> Tuple[List[Optional[torch.Tensor]], List[Optional[Tuple[torch.Tensor, torch.Tensor]]]]:
         """``loss.backward()``, returning the gradient that reached each tensor of ``kept`` and ``(l1 norm,
-        int8 sign or None)`` of the gradient of each tensor of ``reduced`` (None where no gradient came)."""
+        int8 sign)`` of the gradient of each tensor of ``reduced`` (None where no gradient came)."""
         g_kept: List[Optional[torch.Tensor]] = [None] * len(kept)
         g_reduced: list = [None] * len(reduced)
         handles = [t.register_hook(_store_into(g_kept, i)) for i, t in enumerate(kept)]
-        handles += [t.register_hook(_reduce_into(g_reduced, i, signs)) for i, t in enumerate(reduced)]
+        handles += [t.register_hook(_reduce_into(g_reduced, i)) for i, t in enumerate(reduced)]
         try:
             loss.backward()
         finally:
@@ -972,14 +986,6 @@ class L1GradPenalty(_GradNormPenalty):
             a_norm = _total([r[0] for r in a_reduced if r is not None], like)
         return {"weight_l1": w_norm, "activation_l1": a_norm}
 
-    def _plain_step(self, loss: torch.Tensor) -> Dict[str, torch.Tensor]:
-        weights, acts = self._selected()
-        w_grads, a_reduced = self._capture_backward(loss, weights, acts, signs=False)
-        terms = self._l1_values(w_grads, a_reduced, loss)
-        reg = self._combine(terms["weight_l1"], terms["activation_l1"], weights, acts)
-        return {"loss": loss, "penalty": reg, **terms}
-
-    # ------------------------------------------------------------------ worst-case
     def _radii(self, weights, acts):
         """Per-tensor radii (floats or 0-d tensors) and the normalizing ``h`` of the worst-case penalty."""
         lam = max(self._weight, self._activation)
@@ -998,11 +1004,11 @@ class L1GradPenalty(_GradNormPenalty):
         # pass 1: the gradients at theta. backward() accumulates them into .grad right away (hooks read
         # them on the way); penalty(loss, closure) keeps the graph for the caller's backward
         if into_grad:
-            g1, a_reduced = self._capture_backward(loss, targets, acts, signs=True)
+            g1, a_reduced = self._capture_backward(loss, targets, acts)
         else:
             grads = torch.autograd.grad(loss, targets + acts, retain_graph=True, allow_unused=True)
             g1 = list(grads[: len(targets)])
-            a_reduced = [None if g is None else _reduce(g, True) for g in grads[len(targets) :]]
+            a_reduced = [None if g is None else _reduce(g) for g in grads[len(targets) :]]
             del grads
         self._check_activation_grads(acts, a_reduced)
         w_grads = [g1[position[id(w)]] for w in weights]

@@ -300,7 +300,7 @@ def test_every_k_schedule_values_and_gradients():
         else:
             assert not reg.requires_grad and reg.item() == 0.0
 
-    # stats on every call: the step's l1 norms, the unscaled penalty and the applied scale
+    # stats on every call: the same keys; the l1 norms and the unscaled penalty of the penalized call
     fresh = L1GradPenalty(copy.deepcopy(model), weight=lw, activation=la, every=k)
     for call in range(k + 1):
         stats = fresh.backward(loss_fn(fresh.model))
@@ -309,6 +309,48 @@ def test_every_k_schedule_values_and_gradients():
         for key in ("loss", "weight_l1", "activation_l1", "penalty"):
             assert stats[key] == pytest.approx(exact_stats[key], rel=1e-12), key
         fresh.model.zero_grad(set_to_none=True)
+
+
+@pytest.mark.parametrize("method", ["exact", "worst-case"])
+@pytest.mark.parametrize("via_call", [False, True])
+def test_every_k_plain_calls_repeat_the_last_penalized_statistics(method, via_call):
+    # each call on its own batch: plain calls report their own loss and the penalty terms of the last
+    # penalized call, and compute no gradient statistics (their gradients are loss.backward()'s, bit for bit)
+    k = 3
+    model, x, y = make_small("train_affine_functional")
+    model, x = model.double(), x.double()
+    twin = copy.deepcopy(model)
+    penalty = L1GradPenalty(model, weight=0.2, activation=0.5, every=k, method=method)
+    reference = L1GradPenalty(twin, weight=0.2, activation=0.5, method=method)
+    batches = [(x + 0.3 * i, y.roll(i)) for i in range(2 * k)]
+    last = None
+    for call, (xb, yb) in enumerate(batches):
+        for m in (model, twin):
+            m.zero_grad(set_to_none=True)
+
+        def loss_fn(m=model, xb=xb, yb=yb):
+            return F.cross_entropy(m(xb), yb)
+
+        if call % k == 0:
+            if via_call:  # penalty(loss) on penalized calls, backward(loss) on plain ones
+                loss = loss_fn()
+                (loss + penalty(loss, loss_fn)).backward()
+                last = reference.backward(loss_fn(twin), lambda: loss_fn(twin))
+            else:
+                stats = penalty.backward(loss_fn(), loss_fn)
+                last = reference.backward(loss_fn(twin), lambda: loss_fn(twin))
+                assert stats["penalty_scale"] == float(k)
+                for key in ("weight_l1", "activation_l1", "penalty"):
+                    assert stats[key] == pytest.approx(last[key], rel=1e-10), key
+            continue
+        stats = penalty.backward(loss_fn())
+        plain_loss = loss_fn(twin)
+        plain_loss.backward()
+        assert stats["penalty_scale"] == 0.0
+        assert stats["loss"] == pytest.approx(plain_loss.item(), rel=1e-12)
+        for key in ("weight_l1", "activation_l1", "penalty"):
+            assert stats[key] == pytest.approx(last[key], rel=1e-10), key
+        assert all(torch.equal(a.grad, b.grad) for a, b in zip(model.parameters(), twin.parameters()))
 
 
 def test_every_k_plain_steps_run_torchs_own_batchnorm_and_conv():
