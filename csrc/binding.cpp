@@ -234,6 +234,28 @@ std::tuple<at::Tensor, std::vector<at::Tensor>> l1_norm_sign(const std::vector<a
   return l1_norm_sign_cpu(contiguous, keep_sign);
 }
 
+//   add_scaled_sign(sign, scale, x, dtype) -> x + scale * sign
+//
+// CPU only. sign: int8 of any shape and strides; x: None (zero) or a tensor of sign's shape and of dtype (any
+// strides); dtype: float32, float64, float16 or bfloat16. Returns a contiguous tensor of sign's shape and dtype,
+// computed in float (double for float64) and rounded once.
+at::Tensor add_scaled_sign(const at::Tensor& sign, double scale, const c10::optional<at::Tensor>& x,
+                           at::ScalarType dtype) {
+  TORCH_CHECK_VALUE(sign.device().is_cpu(), "sign must be a CPU tensor, got ", sign.device().str());
+  TORCH_CHECK_VALUE(sign.scalar_type() == at::kChar, "sign must be int8, got ", sign.scalar_type());
+  TORCH_CHECK_VALUE(dtype == at::kFloat || dtype == at::kDouble || dtype == at::kHalf || dtype == at::kBFloat16,
+                    "dtype must be float32, float64, float16 or bfloat16, got ", dtype);
+  at::Tensor xc;
+  if (x.has_value() && x->defined()) {
+    TORCH_CHECK_VALUE(x->device().is_cpu(), "x must be a CPU tensor, got ", x->device().str());
+    TORCH_CHECK_VALUE(x->scalar_type() == dtype, "x must have dtype ", dtype, ", got ", x->scalar_type());
+    TORCH_CHECK_VALUE(x->sizes() == sign.sizes(), "x must have the shape of sign ", shape(sign.sizes()), ", got ",
+                      shape(x->sizes()));
+    xc = x->contiguous();
+  }
+  return add_scaled_sign_cpu(sign.contiguous(), scale, xc, dtype);
+}
+
 }  // namespace
 }  // namespace qgrad
 
@@ -262,6 +284,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("l1_norm_sign", &qgrad::l1_norm_sign, py::arg("tensors"), py::arg("keep_sign"),
         "(norms, signs): float64 l1 norm of every tensor of the list and, with keep_sign, its int8 sign, in one "
         "pass over each tensor (CPU)");
+  m.def("add_scaled_sign", &qgrad::add_scaled_sign, py::arg("sign"), py::arg("scale"), py::arg("x"),
+        py::arg("dtype"), py::call_guard<py::gil_scoped_release>(),
+        "x + scale * sign (x None: scale * sign) from int8 signs, in dtype, in one pass (CPU); computed in float "
+        "(double for float64) and rounded once");
   m.def("batch_norm_double_backward", &qgrad::batch_norm_double_backward, py::arg("ggx"), py::arg("ggw"),
         py::arg("ggb"), py::arg("dy"), py::arg("x"), py::arg("weight"), py::arg("mean"), py::arg("invstd"),
         py::arg("sum_dy"), py::arg("sum_dy_xhat"), py::arg("training"), py::arg("need_dy"), py::arg("need_x"),

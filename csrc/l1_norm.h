@@ -1,7 +1,7 @@
 // Interface between the binding (csrc/binding.cpp) and the CPU kernel of the multi-tensor l1 norm with signs.
 //
-// The binding validates the arguments before calling in here: a non-empty list of contiguous CPU tensors, each
-// float32, float64, float16 or bfloat16.
+// The binding validates the arguments before calling in here: CPU tensors, contiguous, each float32, float64,
+// float16 or bfloat16 (signs: int8).
 #pragma once
 
 #include <ATen/ATen.h>
@@ -15,5 +15,10 @@ namespace qgrad {
 // as int8 with t_i's shape (-1, 0, 1; 0 for NaN), or an empty list when keep_sign is false.
 std::tuple<at::Tensor, std::vector<at::Tensor>> l1_norm_sign_cpu(const std::vector<at::Tensor>& tensors,
                                                                  bool keep_sign);
+
+// Returns x + scale * sign, contiguous, in dtype (x's dtype when x is defined; an undefined x counts as zero).
+// Computed in the accumulation type (float for float32 / float16 / bfloat16, double for float64) and rounded
+// once: scale * sign is exact there, so the result is the correctly rounded sum.
+at::Tensor add_scaled_sign_cpu(const at::Tensor& sign, double scale, const at::Tensor& x, at::ScalarType dtype);
 
 }  // namespace qgrad

@@ -10,12 +10,19 @@ import functools
 import os
 from typing import Tuple
 
-__all__ = ["is_available", "fake_quant_fwd", "fake_quant_bwd", "l1_norm_sign", "batch_norm_double_backward"]
+__all__ = [
+    "is_available",
+    "add_scaled_sign",
+    "fake_quant_fwd",
+    "fake_quant_bwd",
+    "l1_norm_sign",
+    "batch_norm_double_backward",
+]
 
 try:
     from .batch_norm import batch_norm_double_backward
     from .fake_quant import fake_quant_bwd, fake_quant_fwd
-    from .l1_norm import l1_norm_sign
+    from .l1_norm import add_scaled_sign, l1_norm_sign
 except ImportError as exc:  # triton (or a piece of it) is not installed
     _IMPORT_ERROR: "ImportError | None" = exc
 else:
@@ -49,7 +56,7 @@ def is_available() -> Tuple[bool, str]:
 
 def __getattr__(name: str):
     if (
-        name in ("fake_quant_fwd", "fake_quant_bwd", "l1_norm_sign", "batch_norm_double_backward")
+        name in ("add_scaled_sign", "fake_quant_fwd", "fake_quant_bwd", "l1_norm_sign", "batch_norm_double_backward")
         and _IMPORT_ERROR is not None
     ):
         raise ImportError(f"qgrad.kernels.{name} needs triton, which could not be imported: {_IMPORT_ERROR}")

@@ -1,8 +1,12 @@
-"""Triton multi-tensor l1 norm with int8 signs: ``sum(|t_i|)`` and ``sign(t_i)`` for a list of tensors.
+"""Triton kernels of the l1 norm's forward and backward.
 
-Semantics are those of :func:`qgrad.ops.l1_norm.l1_norm_sign`: one norm per tensor (float32 sums for
-float32 / float16 / bfloat16 inputs, float64 for float64) and, with ``keep_sign``, ``sign(t_i)`` as int8 of
-``t_i``'s shape (0 for 0 and for NaN).
+* :func:`l1_norm_sign`: the multi-tensor l1 norm with int8 signs, ``sum(|t_i|)`` and ``sign(t_i)`` for a list
+  of tensors. Semantics are those of :func:`qgrad.ops.l1_norm.l1_norm_sign`: one norm per tensor (float32
+  sums for float32 / float16 / bfloat16 inputs, float64 for float64) and, with ``keep_sign``, ``sign(t_i)``
+  as int8 of ``t_i``'s shape (0 for 0 and for NaN).
+* :func:`add_scaled_sign`: ``x + scale * sign`` from the int8 signs in one elementwise pass (the seeds of the
+  double backward, the activation shifts of the worst-case penalty), semantics of
+  :func:`qgrad.ops.l1_norm.add_scaled_sign`.
 
 How the list is mapped onto one launch per dtype
 ------------------------------------------------
@@ -22,7 +26,7 @@ import torch
 import triton
 import triton.language as tl
 
-__all__ = ["l1_norm_sign"]
+__all__ = ["add_scaled_sign", "l1_norm_sign"]
 
 _BLOCK = 2048
 _POINTER = {
@@ -122,3 +126,33 @@ def l1_norm_sign(
         for k, s in zip(index, group_signs):
             signs[k] = s
     return norms, (signs if keep_sign else None)
+
+
+@triton.jit
+def _add_scaled_sign_kernel(s_ptr, scale_ptr, x_ptr, out_ptr, n, HAS_X: tl.constexpr, ACC: tl.constexpr,
+                            BLOCK: tl.constexpr):
+    # scale * sign is exact in ACC (sign is -1, 0 or 1), so the sum is rounded once, to ACC, then to out's dtype
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < n
+    value = tl.load(s_ptr + offs, mask=mask, other=0).to(ACC) * tl.load(scale_ptr).to(ACC)
+    if HAS_X:
+        value = tl.load(x_ptr + offs, mask=mask, other=0.0).to(ACC) + value
+    tl.store(out_ptr + offs, value.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+def add_scaled_sign(
+    sign: torch.Tensor, scale: torch.Tensor, x: Optional[torch.Tensor], dtype: torch.dtype
+) -> torch.Tensor:
+    """``x + scale * sign`` (``x`` None: ``scale * sign``), contiguous, in ``dtype``, for validated arguments:
+    ``sign`` int8, ``scale`` a 0-d tensor on ``sign``'s device (read by the kernel: no host synchronization),
+    ``x`` None or of ``sign``'s shape and of ``dtype``. Computed in float32 (float64 for float64)."""
+    sign = sign.contiguous()
+    x = None if x is None else x.contiguous()
+    out = torch.empty(sign.shape, dtype=dtype, device=sign.device)
+    n = sign.numel()
+    if n:
+        _add_scaled_sign_kernel[(triton.cdiv(n, _BLOCK),)](
+            sign, scale, out if x is None else x, out, n,
+            HAS_X=x is not None, ACC=tl.float64 if dtype == torch.float64 else tl.float32, BLOCK=_BLOCK,
+        )
+    return out

@@ -63,7 +63,7 @@ from torch.overrides import TorchFunctionMode
 
 from qgrad.nn.batch_norm import convert_batchnorm, revert_batchnorm
 from qgrad.nn.conv import convert_conv, revert_conv
-from qgrad.ops.l1_norm import l1_norm_sign, multi_l1_norm
+from qgrad.ops.l1_norm import add_scaled_sign, l1_norm_sign, multi_l1_norm
 
 __all__ = ["L1GradPenalty", "L2GradPenalty", "OrthogonalityPenalty"]
 
@@ -570,7 +570,7 @@ class _ActivationShift(TorchFunctionMode):
                 f"activation {self.count} of the closure's forward has shape {tuple(x.shape)}, the first "
                 f"forward recorded {tuple(shape)}; the closure must recompute the same loss on the same batch"
             )
-        shifted = sign.to(x.dtype).mul_(rho).add_(x)
+        shifted = add_scaled_sign(sign, rho, x)
         self._swap[id(x)] = (x, shifted)  # holding x keeps its id unique while the mode is active
         self.count += 1
         return shifted

@@ -511,3 +511,22 @@ def test_l1_norm_sign_kernel(dtype):
     expected = torch.autograd.grad((multi_l1_norm_ref(leaves) * coeff).sum(), leaves)
     for a, b in zip(grads, expected):
         assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("dtype", DTYPES + [torch.float64])
+def test_add_scaled_sign_kernel(dtype):
+    """``x + scale * sign`` against the reference bit for bit: several blocks with a tail, x absent, a scale
+    tensor of another dtype than the result, an empty tensor."""
+    from qgrad.ops.l1_norm import add_scaled_sign_ref
+
+    g = torch.Generator().manual_seed(12)
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    for shape in [(3 * 2048 + 5,), (4, 7, 9), (0,), ()]:
+        sign = torch.randint(-1, 2, shape, generator=g, dtype=torch.int8).to(DEVICE)
+        x = torch.randn(shape, generator=g, dtype=torch.float64).to(dtype).to(DEVICE)
+        for scale in (torch.tensor(0.3, dtype=acc), torch.tensor(-1.2345678901234, dtype=torch.float64)):
+            scale = scale.to(DEVICE)
+            for xx in (x, None):
+                out = K.add_scaled_sign(sign, scale, xx, dtype)
+                assert out.dtype == dtype and out.shape == sign.shape and out.device.type == DEVICE
+                assert torch.equal(out, add_scaled_sign_ref(sign, scale, xx, dtype))

@@ -9,11 +9,15 @@ from conftest import select_cpu_implementation
 from qgrad.ops.l1_norm import (
     MultiL1NormFn,
     accept_seeds,
+    add_scaled_sign,
+    add_scaled_sign_ref,
     add_seeds,
     l1_norm_sign,
     multi_l1_norm,
     multi_l1_norm_ref,
 )
+
+INTERPRETER_BF16 = "the Triton interpreter converts float32 to bfloat16 by truncation (GPUs round to nearest even)"
 
 
 @pytest.fixture(autouse=True, params=["cpp", "triton", "torch"])
@@ -47,7 +51,9 @@ def worst(a, b):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("noncontiguous", [False, True])
-def test_values_and_gradients_match_reference(dtype, noncontiguous):
+def test_values_and_gradients_match_reference(dtype, noncontiguous, implementation):
+    if implementation == "triton" and dtype == torch.bfloat16:  # the seeds are stored in bfloat16
+        pytest.skip(INTERPRETER_BF16)
     tensors = make_tensors(dtype, noncontiguous=noncontiguous)
     coeff = torch.tensor([0.3, -1.7, 2.0, 0.5], dtype=torch.float64)
     out = multi_l1_norm(tensors)
@@ -66,6 +72,17 @@ def test_values_and_gradients_match_reference(dtype, noncontiguous):
         # c * sign(t) is exact in every dtype where c is representable; compare with the reference bit for bit
         assert torch.equal(g, r), worst(g, r)
         assert torch.equal(g, (torch.sign(t.detach().double()) * c).to(t.dtype))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16])
+def test_norms_match_in_every_dtype_without_gradients(dtype):
+    # the forward alone (no seeds stored), which the interpreter runs in bfloat16 too
+    tensors = [t.detach() for t in make_tensors(dtype)]
+    norms, signs = l1_norm_sign(tensors, keep_sign=True)
+    exact = torch.stack([t.double().abs().sum() for t in tensors])
+    assert ((norms.double() - exact).abs() / exact.clamp_min(1e-30)).max().item() <= TOL[dtype]
+    for t, s in zip(tensors, signs):
+        assert s.dtype == torch.int8 and torch.equal(s, torch.sign(t.double()).to(torch.int8))
 
 
 def test_signs_are_saved_as_int8_and_mixed_dtypes_work():
@@ -193,6 +210,80 @@ def test_seeds_are_deferred_to_nodes_that_accept_them():
     torch.testing.assert_close(gx, 2 * x, rtol=1e-14, atol=0)
 
 
+# ----------------------------------------------------------------------------------------- add_scaled_sign
+def make_sign(shape, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(-1, 2, shape, generator=g, dtype=torch.int8)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("shape", [(5, 123, 123), (7,), (3, 1, 5, 9), (), (0, 4)])
+@pytest.mark.parametrize("scale", [0.3, -1.7e-3, "tensor32", "tensor64"])
+def test_add_scaled_sign_matches_reference_bit_for_bit(dtype, shape, scale, implementation):
+    if implementation == "triton" and dtype == torch.bfloat16:
+        pytest.skip(INTERPRETER_BF16)
+    sign = make_sign(shape)
+    x = torch.randn(shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64).to(dtype)
+    if isinstance(scale, str):
+        scale = torch.tensor(0.123456789, dtype=torch.float32 if scale == "tensor32" else torch.float64)
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    s = scale.to(acc) if isinstance(scale, torch.Tensor) else torch.tensor(scale, dtype=acc)
+    for xx in (x, None):
+        out = add_scaled_sign(sign, scale, xx, dtype=dtype)
+        assert out.dtype == dtype and out.shape == sign.shape and out.is_contiguous()
+        assert torch.equal(out, add_scaled_sign_ref(sign, scale, xx, dtype))
+        # the definition: the sum in the accumulation dtype (scale * sign is exact there), rounded once
+        expected = sign.to(acc) * s + (0 if xx is None else xx.to(acc))
+        assert torch.equal(out, expected.to(dtype))
+
+
+def test_add_scaled_sign_other_layouts_and_dtypes():
+    sign = make_sign((6, 8, 10))
+    base = torch.randn(10, 8, 6, dtype=torch.float64)
+    # strided x, and x of another dtype than the result: the reference's arithmetic, bit for bit
+    for x in (base.transpose(0, 2), base.transpose(0, 2).float(), base.float().contiguous().transpose(0, 2)):
+        for dtype in (torch.float32, torch.float64):
+            out = add_scaled_sign(sign, 0.25, x, dtype=dtype)
+            assert out.dtype == dtype
+            assert torch.equal(out, add_scaled_sign_ref(sign, 0.25, x, dtype))
+            truth = x.double() + 0.25 * sign.double()
+            torch.testing.assert_close(out.double(), truth, rtol=0, atol=1e-6 if dtype == torch.float32 else 0)
+    # the zero-stride zero that stands in for a deferred seed
+    zero = torch.zeros((), dtype=torch.float32).expand(6, 8, 10)
+    assert torch.equal(add_scaled_sign(sign, 0.5, zero), 0.5 * sign.float())
+
+
+def test_add_scaled_sign_is_differentiable_in_x():
+    sign = make_sign((3, 4, 5))
+    x = torch.randn(3, 4, 5, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda t: add_scaled_sign(sign, 0.3, t), (x,))
+    out = add_scaled_sign(sign, torch.tensor(0.3, dtype=torch.float64), x)
+    (gx,) = torch.autograd.grad(out, x, torch.arange(60.0, dtype=torch.float64).reshape(3, 4, 5))
+    assert torch.equal(gx, torch.arange(60.0, dtype=torch.float64).reshape(3, 4, 5))
+    with torch.no_grad():
+        assert not add_scaled_sign(sign, 0.3, x).requires_grad
+    # a bfloat16 result of a float32 input hands back a float32 gradient
+    x32 = torch.randn(3, 4, 5, requires_grad=True)
+    (g32,) = torch.autograd.grad(add_scaled_sign(sign, 0.5, x32, dtype=torch.float64).sum(), x32)
+    assert g32.dtype == torch.float32 and torch.equal(g32, torch.ones_like(x32))
+
+
+def test_add_scaled_sign_errors():
+    sign = make_sign((2, 3))
+    with pytest.raises(TypeError, match="sign must be an int8 tensor"):
+        add_scaled_sign(sign.float(), 1.0, dtype=torch.float32)
+    with pytest.raises(TypeError, match="dtype must be a floating-point dtype"):
+        add_scaled_sign(sign, 1.0)
+    with pytest.raises(TypeError, match="dtype must be a floating-point dtype"):
+        add_scaled_sign(sign, 1.0, dtype=torch.int32)
+    with pytest.raises(TypeError, match="x must be a floating-point tensor"):
+        add_scaled_sign(sign, 1.0, torch.ones(2, 3, dtype=torch.int64))
+    with pytest.raises(ValueError, match="x must have sign's shape"):
+        add_scaled_sign(sign, 1.0, torch.ones(3, 2))
+    with pytest.raises(ValueError, match="scale must be a number or a 0-d tensor"):
+        add_scaled_sign(sign, torch.ones(1), dtype=torch.float32)
+
+
 def test_each_implementation_is_the_one_that_runs(implementation, monkeypatch):
     from qgrad import kernels
     from qgrad.ops import dispatch
@@ -202,11 +293,15 @@ def test_each_implementation_is_the_one_that_runs(implementation, monkeypatch):
     def spy(name, real):
         return lambda *args: ran.append(name) or real(*args)
 
-    monkeypatch.setattr(kernels, "l1_norm_sign", spy("triton", kernels.l1_norm_sign))
-    kernel = dispatch.cpu_kernel("l1_norm_sign")
-    if kernel is not None:  # the loader's cache is what the op reads
-        monkeypatch.setitem(dispatch._CPU_KERNELS, "l1_norm_sign", (spy("cpp", kernel), ""))
+    for name in ("l1_norm_sign", "add_scaled_sign"):
+        monkeypatch.setattr(kernels, name, spy("triton", getattr(kernels, name)))
+        kernel = dispatch.cpu_kernel(name)
+        if kernel is not None:  # the loader's cache is what the op reads
+            monkeypatch.setitem(dispatch._CPU_KERNELS, name, (spy("cpp", kernel), ""))
     multi_l1_norm([torch.randn(3, 4), torch.randn(5)])
+    assert ran == ([] if implementation == "torch" else [implementation])
+    ran.clear()
+    add_scaled_sign(make_sign((4,)), 0.5, torch.randn(4))
     assert ran == ([] if implementation == "torch" else [implementation])
 
 

@@ -1,6 +1,9 @@
-// CPU kernel of the multi-tensor l1 norm with int8 signs (qgrad.ops.l1_norm): one call for all tensors, which
-// reads each element from memory once, adds |t| to its tensor's sum and writes sign(t) as one byte, with no
-// temporaries.
+// CPU kernels of the l1 norm's forward and backward (qgrad.ops.l1_norm):
+//   * l1_norm_sign_cpu, the multi-tensor l1 norm with int8 signs: one call for all tensors, which reads each
+//     element from memory once, adds |t| to its tensor's sum and writes sign(t) as one byte, with no
+//     temporaries;
+//   * add_scaled_sign_cpu, x + scale * sign from the int8 signs: the seeds of the double backward and the
+//     activation shifts of the worst-case penalty in one pass (cast, scale and add fused).
 //
 // The tensors are cut into chunks of kChunk elements (a tensor's last chunk is shorter); one parallel loop runs
 // over the chunks of all tensors, so many small tensors and a few large ones keep the threads equally busy. A
@@ -16,6 +19,7 @@
 #include <vector>
 
 #include "../l1_norm.h"
+#include "multiversion.h"
 #include "op_math.h"
 
 namespace qgrad {
@@ -33,7 +37,7 @@ struct Chunk {
 // Kept apart because the compiler vectorizes each on its own but not the two fused (float lanes next to int8
 // stores), which measured 2.5x slower.
 template <typename T>
-double chunk_sum(const T* __restrict__ x, int8_t* __restrict__ sign, int64_t begin, int64_t end) {
+QGRAD_MULTIVERSION double chunk_sum(const T* __restrict__ x, int8_t* __restrict__ sign, int64_t begin, int64_t end) {
   using A = typename OpMath<T>::type;
   A lanes[kLanes] = {};
   int64_t i = begin;
@@ -52,7 +56,34 @@ double chunk_sum(const T* __restrict__ x, int8_t* __restrict__ sign, int64_t beg
   return total;
 }
 
+// out[i] = x[i] + scale * sign[i] over [begin, end) (x null: 0); the product is exact in A.
+template <typename T>
+QGRAD_MULTIVERSION void scaled_sign_range(const int8_t* __restrict__ sign, typename OpMath<T>::type scale,
+                                          const T* __restrict__ x, T* __restrict__ out, int64_t begin,
+                                          int64_t end) {
+  using A = typename OpMath<T>::type;
+  if (x == nullptr) {
+    for (int64_t i = begin; i < end; ++i) out[i] = static_cast<T>(scale * static_cast<A>(sign[i]));
+  } else {
+    for (int64_t i = begin; i < end; ++i) out[i] = static_cast<T>(static_cast<A>(x[i]) + scale * static_cast<A>(sign[i]));
+  }
+}
+
 }  // namespace
+
+at::Tensor add_scaled_sign_cpu(const at::Tensor& sign, double scale, const at::Tensor& x, at::ScalarType dtype) {
+  at::Tensor out = at::empty(sign.sizes(), sign.options().dtype(dtype));
+  const int64_t n = sign.numel();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "add_scaled_sign_cpu", [&] {
+    using A = typename OpMath<scalar_t>::type;
+    const int8_t* s = sign.const_data_ptr<int8_t>();
+    const scalar_t* xp = x.defined() ? x.const_data_ptr<scalar_t>() : nullptr;
+    scalar_t* o = out.data_ptr<scalar_t>();
+    const A a = static_cast<A>(scale);
+    at::parallel_for(0, n, kChunk, [&](int64_t begin, int64_t end) { scaled_sign_range<scalar_t>(s, a, xp, o, begin, end); });
+  });
+  return out;
+}
 
 std::tuple<at::Tensor, std::vector<at::Tensor>> l1_norm_sign_cpu(const std::vector<at::Tensor>& tensors,
                                                                  bool keep_sign) {

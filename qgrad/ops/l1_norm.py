@@ -19,9 +19,13 @@ the int8 sign, with no temporaries: on CUDA tensors the Triton kernel ``qgrad.ke
 tensor; tested on an H100 and under ``TRITON_INTERPRET=1``); on CPU tensors the C++ kernel
 ``qgrad._C.l1_norm_sign`` (``csrc/cpu/l1_norm.cpp``, one parallel loop over all tensors). Where neither can run, or under ``QGRAD_BACKEND=torch``,
 ``abs().sum()`` and ``sign().to(int8)`` per tensor. Measured on the 38 gradients of a CIFAR ResNet-18 step
-(width 0.25, batch 32: 5.1 M float32 elements; 2-core Xeon): 4.8 ms for the C++ kernel against 6.6 ms for the
-PyTorch ops on one thread, 2.8 ms against 3.7 ms on two. The backward casts each sign tensor to its
-gradient's dtype and scales it in place.
+(width 0.25, batch 32: 5.1 M float32 elements; 2-core Xeon): 2.1 ms for the C++ kernel against 4.8 ms for the
+PyTorch ops on one thread, 1.1 ms against 2.7 ms on two (4.8 ms and 2.8 ms before the extension was built
+with ``-fno-wrapv`` and an AVX2 clone of its loop; see ``setup.py`` and ``csrc/cpu/multiversion.h``).
+
+The backward turns each sign tensor into its seed with :func:`add_scaled_sign` (``x + scale * sign`` in one
+pass: cast, scale and add fused; Triton on CUDA, C++ on CPU), which also makes the activation shifts of the
+worst-case penalty.
 
 Deferred seeds: the backward's output for ``g_i`` (``dR/dn_i * sign(g_i)``, the "seed" of the double
 backward at ``g_i``) is a float tensor the size of ``g_i``; handing them all back at once would hold one such
@@ -44,6 +48,8 @@ import torch
 from qgrad.ops.dispatch import cpu_kernel, triton_kernel
 
 __all__ = [
+    "add_scaled_sign",
+    "add_scaled_sign_ref",
     "multi_l1_norm",
     "multi_l1_norm_ref",
     "l1_norm_sign",
@@ -53,6 +59,7 @@ __all__ = [
 ]
 
 _SEEDS = "_qgrad_l1_seeds"  # attribute of an autograd node (its ctx) that takes deferred seeds
+_KERNEL_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)  # those of the C++ kernels
 
 
 def _accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -114,10 +121,92 @@ def l1_norm_sign(
         return norms, signs
 
 
-def _seed(sign: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """``scale * sign`` in ``scale``'s dtype. Cast first, then scale in place: an op that mixes int8 and
-    float inputs takes PyTorch's non-vectorized casting path, measured 2-15x slower than the two passes."""
-    return sign.to(scale.dtype).mul_(scale)
+def add_scaled_sign(
+    sign: torch.Tensor,
+    scale,
+    x: Optional[torch.Tensor] = None,
+    dtype: Optional[torch.dtype] = None,
+) -> torch.Tensor:
+    """``x + scale * sign`` from int8 signs, in one pass: the seeds of the double backward (``x`` the incoming
+    gradient) and the activation shifts of the worst-case penalty (``x`` the activation).
+
+    Args:
+        sign: int8 tensor of any shape (the signs kept by :func:`l1_norm_sign`: -1, 0 or 1).
+        scale: a number, or a 0-d floating-point tensor on ``sign``'s device (read on the device: no host
+            synchronization on a GPU).
+        x: None (zero) or a floating-point tensor of ``sign``'s shape on its device.
+        dtype: the result's dtype; default ``x``'s. Required when ``x`` is None.
+
+    Returns:
+        a new tensor of ``sign``'s shape in ``dtype``. It is computed in float32 (float64 for float64), where
+        ``scale * sign`` is exact, and rounded once: the correctly rounded ``x + scale * sign``, bit for bit
+        the same on every backend. Kernels: Triton on CUDA tensors, C++ on CPU tensors (contiguous ``x`` of
+        ``dtype``); otherwise :func:`add_scaled_sign_ref`. Differentiable w.r.t. ``x`` (the identity) when
+        ``x`` requires grad; ``sign`` and ``scale`` are constants.
+    """
+    if not isinstance(sign, torch.Tensor) or sign.dtype != torch.int8:
+        got = sign.dtype if isinstance(sign, torch.Tensor) else type(sign).__name__
+        raise TypeError(f"sign must be an int8 tensor, got {got}")
+    if x is not None:
+        if not isinstance(x, torch.Tensor) or not x.is_floating_point():
+            raise TypeError(f"x must be a floating-point tensor or None, got {getattr(x, 'dtype', type(x))}")
+        if x.shape != sign.shape or x.device != sign.device:
+            raise ValueError(
+                f"x must have sign's shape {tuple(sign.shape)} and device {sign.device}, "
+                f"got {tuple(x.shape)} on {x.device}"
+            )
+        dtype = x.dtype if dtype is None else dtype
+    if dtype is None or not dtype.is_floating_point:
+        raise TypeError(f"dtype must be a floating-point dtype (required when x is None), got {dtype}")
+    if isinstance(scale, torch.Tensor) and (scale.dim() != 0 or scale.device != sign.device):
+        raise ValueError(
+            f"scale must be a number or a 0-d tensor on {sign.device}, got shape {tuple(scale.shape)} "
+            f"on {scale.device}"
+        )
+    if x is not None and x.requires_grad and torch.is_grad_enabled():
+        return _AddScaledSignFn.apply(x, sign, scale, dtype)
+    return _add_scaled_sign(sign, scale, x, dtype)
+
+
+def _add_scaled_sign(sign, scale, x, dtype):
+    plain_x = x is None or (x.dtype == dtype and x.is_contiguous())
+    with torch.no_grad():
+        launcher = triton_kernel("add_scaled_sign", sign.device)
+        if launcher is not None and plain_x:
+            acc = torch.float64 if dtype == torch.float64 else torch.float32
+            if not isinstance(scale, torch.Tensor):
+                scale = torch.full((), scale, dtype=acc, device=sign.device)
+            return launcher(sign, scale, x, dtype)
+        kernel = cpu_kernel("add_scaled_sign") if sign.device.type == "cpu" else None
+        if kernel is not None and plain_x and dtype in _KERNEL_DTYPES:
+            return kernel(sign, float(scale), x, dtype)
+        return add_scaled_sign_ref(sign, scale, x, dtype)
+
+
+class _AddScaledSignFn(torch.autograd.Function):
+    """``x + scale * sign`` as an autograd node: the derivative w.r.t. ``x`` is the identity (``sign`` and
+    ``scale`` are constants), e.g. for an activation shifted by the worst-case penalty."""
+
+    @staticmethod
+    def forward(ctx, x, sign, scale, dtype):
+        ctx.x_dtype = x.dtype
+        return _add_scaled_sign(sign, scale, x, dtype)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad.to(ctx.x_dtype), None, None, None
+
+
+def add_scaled_sign_ref(
+    sign: torch.Tensor, scale, x: Optional[torch.Tensor] = None, dtype: Optional[torch.dtype] = None
+) -> torch.Tensor:
+    """Reference for :func:`add_scaled_sign` (same arguments, no checks) with PyTorch ops."""
+    dtype = x.dtype if dtype is None else dtype
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    value = sign.to(acc) * (scale.to(acc) if isinstance(scale, torch.Tensor) else scale)
+    if x is not None:
+        value = x.to(acc) + value
+    return value.to(dtype)
 
 
 def accept_seeds(ctx) -> None:
@@ -135,8 +224,8 @@ def add_seeds(ctx, grads: Sequence[Optional[torch.Tensor]]) -> Tuple[Optional[to
     if not seeds:
         return tuple(grads)
     out = list(grads)
-    for k, (sign, scale) in seeds.items():
-        out[k] = _seed(sign, scale) if out[k] is None else _seed(sign, scale).add_(out[k])
+    for k, (sign, scale, dtype) in seeds.items():
+        out[k] = add_scaled_sign(sign, scale, out[k], dtype)
     seeds.clear()
     return tuple(out)
 
@@ -144,8 +233,9 @@ def add_seeds(ctx, grads: Sequence[Optional[torch.Tensor]]) -> Tuple[Optional[to
 class MultiL1NormFn(torch.autograd.Function):
     """``(t_0, ..., t_{n-1}) -> norms`` of shape ``(n,)``; backward ``grad[i] * sign(t_i)``.
 
-    The signs are saved as int8 (one byte per element); the backward casts them to each tensor's dtype and
-    scales them in place, or defers that to the tensor's producer (see the module docstring). The backward
+    The signs are saved as int8 (one byte per element); the backward turns them into ``grad[i] * sign`` in
+    each tensor's dtype (:func:`add_scaled_sign`), or defers that to the tensor's producer (see the module
+    docstring). The backward
     is not itself differentiable (the derivative of
     ``sign`` is 0 almost everywhere), which is all a gradient-norm penalty needs.
     """
@@ -168,10 +258,10 @@ class MultiL1NormFn(torch.autograd.Function):
             if not ctx.needs_input_grad[i]:
                 out.append(None)
             elif producer is not None:  # deferred to the node that produced the tensor
-                getattr(producer[0], _SEEDS)[producer[1]] = (s, grad[i].to(dtype))
+                getattr(producer[0], _SEEDS)[producer[1]] = (s, grad[i], dtype)
                 out.append(torch.zeros((), dtype=dtype, device=s.device).expand(s.shape))
             else:
-                out.append(_seed(s, grad[i].to(dtype)))
+                out.append(add_scaled_sign(s, grad[i], dtype=dtype))
         return tuple(out)
 
 
