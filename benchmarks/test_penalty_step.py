@@ -14,7 +14,9 @@ Modes (``lambda_w = lambda_y = 0.05``, BatchNorm in training mode):
 * ``worst_case``: ``L1GradPenalty(method="worst-case")`` (h = 1e-3).
 
 Sizes: on a CPU width 0.25, batch 32 (float32); with CUDA full width, batch 128, float32 and bfloat16
-autocast.
+autocast. On a CPU the timing process keeps freed memory (:func:`qgrad.malloc.keep_freed_memory`, what the
+``qgrad`` command line does): with glibc's defaults each step page-faults its tensors back in, which slowed
+a plain step by 10-15% and the others by different amounts, depending on what ran before.
 Each result's ``extra_info`` holds ``ratio_to_plain``: the median step time over the median of plain steps
 measured in the same test right before and right after (so slow drifts of a shared machine cancel), and the
 peak memory with its ratio to the plain step's:
@@ -45,6 +47,7 @@ from _timing import triton_version, wall_times
 from torch import nn
 
 import qgrad.models
+from qgrad.malloc import keep_freed_memory
 from qgrad.penalties import L1GradPenalty
 
 if os.environ.get("QGRAD_BENCH_THREADS"):  # e.g. 1 on a shared machine, where threads wait for each other
@@ -153,6 +156,8 @@ def _info(benchmark, name, mode, dtype, extra):
 @pytest.mark.parametrize("mode", ["plain"] + MODES)
 @pytest.mark.parametrize("name", MODELS)
 def test_penalty_step(benchmark, name, mode, dtype):
+    if not CUDA:  # page faults of glibc's malloc would add 10-15% to a plain step, unevenly (qgrad.malloc)
+        keep_freed_memory()
     plain_step, _ = _setup(name, "plain", dtype)
     before = wall_times(plain_step, ROUNDS, warmup=WARMUP)
     del plain_step

@@ -1,5 +1,5 @@
 """``python -m qgrad ...``: the same command line as the ``qgrad`` script."""
 
-from qgrad.cli import main
+from qgrad.cli import entry
 
-raise SystemExit(main())
+raise SystemExit(entry())

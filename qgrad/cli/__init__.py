@@ -16,6 +16,7 @@ import traceback
 from typing import List, Optional
 
 from qgrad.cli import demo, sweep, train
+from qgrad.malloc import keep_freed_memory
 
 __all__ = ["build_parser", "main"]
 
@@ -69,6 +70,13 @@ def build_parser() -> argparse.ArgumentParser:
     for module in (train, sweep, demo):
         module.add_parser(sub, parents=[debug_parent])
     return parser
+
+
+def entry() -> int:
+    """The ``qgrad`` script: :func:`main` in a process whose CPU allocator keeps freed memory (see
+    :mod:`qgrad.malloc`; a training step then does not page-fault its tensors back in)."""
+    keep_freed_memory()
+    return main()
 
 
 def main(argv: Optional[List[str]] = None) -> int:
