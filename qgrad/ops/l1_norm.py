@@ -17,8 +17,8 @@ Implementations (:func:`l1_norm_sign`), each reading every element once, accumul
 the int8 sign, with no temporaries: on CUDA tensors the Triton kernel ``qgrad.kernels.l1_norm_sign``
 (``kernels/l1_norm.py``, one launch for all tensors of a dtype, or one without a pointer table for a single
 tensor; tested on an H100 and under ``TRITON_INTERPRET=1``); on CPU tensors the C++ kernel
-``qgrad._C.l1_norm_sign`` (``csrc/cpu/l1_norm.cpp``, one parallel loop over all tensors). Where neither can run, or under ``QGRAD_BACKEND=torch``,
-``abs().sum()`` and ``sign().to(int8)`` per tensor. Measured on the 38 gradients of a CIFAR ResNet-18 step
+``qgrad._C.l1_norm_sign`` (``csrc/cpu/l1_norm.cpp``, one parallel loop over all tensors). Where neither can
+run, or under ``QGRAD_BACKEND=torch``, ``abs().sum()`` and ``sign().to(int8)`` per tensor. Measured on the 38 gradients of a CIFAR ResNet-18 step
 (width 0.25, batch 32: 5.1 M float32 elements; 2-core Xeon): 2.1 ms for the C++ kernel against 4.8 ms for the
 PyTorch ops on one thread, 1.1 ms against 2.7 ms on two (4.8 ms and 2.8 ms before the extension was built
 with ``-fno-wrapv`` and an AVX2 clone of its loop; see ``setup.py`` and ``csrc/cpu/multiversion.h``).
@@ -235,9 +235,8 @@ class MultiL1NormFn(torch.autograd.Function):
 
     The signs are saved as int8 (one byte per element); the backward turns them into ``grad[i] * sign`` in
     each tensor's dtype (:func:`add_scaled_sign`), or defers that to the tensor's producer (see the module
-    docstring). The backward
-    is not itself differentiable (the derivative of
-    ``sign`` is 0 almost everywhere), which is all a gradient-norm penalty needs.
+    docstring). The backward is not itself differentiable (the derivative of ``sign`` is 0 almost
+    everywhere), which is all a gradient-norm penalty needs.
     """
 
     @staticmethod
