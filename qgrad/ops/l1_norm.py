@@ -224,8 +224,10 @@ def add_seeds(ctx, grads: Sequence[Optional[torch.Tensor]]) -> Tuple[Optional[to
     if not seeds:
         return tuple(grads)
     out = list(grads)
-    for k, (sign, scale, dtype) in seeds.items():
-        out[k] = add_scaled_sign(sign, scale, out[k], dtype)
+    for k, (sign, scale, dtype, stand_in) in seeds.items():
+        # the stand-in zero arrives unchanged when nothing else reached this output (a weight gradient):
+        # the seed alone, without reading a broadcast zero
+        out[k] = add_scaled_sign(sign, scale, None if out[k] is stand_in else out[k], dtype)
     seeds.clear()
     return tuple(out)
 
@@ -257,8 +259,9 @@ class MultiL1NormFn(torch.autograd.Function):
             if not ctx.needs_input_grad[i]:
                 out.append(None)
             elif producer is not None:  # deferred to the node that produced the tensor
-                getattr(producer[0], _SEEDS)[producer[1]] = (s, grad[i], dtype)
-                out.append(torch.zeros((), dtype=dtype, device=s.device).expand(s.shape))
+                stand_in = torch.zeros((), dtype=dtype, device=s.device).expand(s.shape)
+                getattr(producer[0], _SEEDS)[producer[1]] = (s, grad[i], dtype, stand_in)
+                out.append(stand_in)
             else:
                 out.append(add_scaled_sign(s, grad[i], dtype=dtype))
         return tuple(out)
