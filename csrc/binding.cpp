@@ -238,7 +238,7 @@ std::tuple<at::Tensor, std::vector<at::Tensor>> l1_norm_sign(const std::vector<a
 //
 // CPU only. sign: int8 of any shape and strides; x: None (zero) or a tensor of sign's shape and of dtype (any
 // strides); dtype: float32, float64, float16 or bfloat16. Returns a contiguous tensor of sign's shape and dtype,
-// computed in float (double for float64) and rounded once.
+// computed in float (double for float64) and converted to dtype.
 at::Tensor add_scaled_sign(const at::Tensor& sign, double scale, const c10::optional<at::Tensor>& x,
                            at::ScalarType dtype) {
   TORCH_CHECK_VALUE(sign.device().is_cpu(), "sign must be a CPU tensor, got ", sign.device().str());
@@ -287,7 +287,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("add_scaled_sign", &qgrad::add_scaled_sign, py::arg("sign"), py::arg("scale"), py::arg("x"),
         py::arg("dtype"), py::call_guard<py::gil_scoped_release>(),
         "x + scale * sign (x None: scale * sign) from int8 signs, in dtype, in one pass (CPU); computed in float "
-        "(double for float64) and rounded once");
+        "(double for float64) and converted to dtype");
   m.def("batch_norm_double_backward", &qgrad::batch_norm_double_backward, py::arg("ggx"), py::arg("ggw"),
         py::arg("ggb"), py::arg("dy"), py::arg("x"), py::arg("weight"), py::arg("mean"), py::arg("invstd"),
         py::arg("sum_dy"), py::arg("sum_dy_xhat"), py::arg("training"), py::arg("need_dy"), py::arg("need_x"),

@@ -17,8 +17,8 @@ std::tuple<at::Tensor, std::vector<at::Tensor>> l1_norm_sign_cpu(const std::vect
                                                                  bool keep_sign);
 
 // Returns x + scale * sign, contiguous, in dtype (x's dtype when x is defined; an undefined x counts as zero).
-// Computed in the accumulation type (float for float32 / float16 / bfloat16, double for float64) and rounded
-// once: scale * sign is exact there, so the result is the correctly rounded sum.
+// Computed in the accumulation type (float for float32 / float16 / bfloat16, double for float64), where
+// scale * sign is exact, then converted to dtype: for float32 and float64 the correctly rounded sum.
 at::Tensor add_scaled_sign_cpu(const at::Tensor& sign, double scale, const at::Tensor& x, at::ScalarType dtype);
 
 }  // namespace qgrad

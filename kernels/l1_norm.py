@@ -131,7 +131,8 @@ def l1_norm_sign(
 @triton.jit
 def _add_scaled_sign_kernel(s_ptr, scale_ptr, x_ptr, out_ptr, n, HAS_X: tl.constexpr, ACC: tl.constexpr,
                             BLOCK: tl.constexpr):
-    # scale * sign is exact in ACC (sign is -1, 0 or 1), so the sum is rounded once, to ACC, then to out's dtype
+    # scale * sign is exact in ACC (sign is -1, 0 or 1): the sum is rounded to ACC, then converted to out's
+    # dtype, the arithmetic of the C++ kernel and the reference
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < n
     value = tl.load(s_ptr + offs, mask=mask, other=0).to(ACC) * tl.load(scale_ptr).to(ACC)

@@ -232,7 +232,7 @@ def test_add_scaled_sign_matches_reference_bit_for_bit(dtype, shape, scale, impl
         out = add_scaled_sign(sign, scale, xx, dtype=dtype)
         assert out.dtype == dtype and out.shape == sign.shape and out.is_contiguous()
         assert torch.equal(out, add_scaled_sign_ref(sign, scale, xx, dtype))
-        # the definition: the sum in the accumulation dtype (scale * sign is exact there), rounded once
+        # the definition: the sum in the accumulation dtype (scale * sign is exact there), converted to dtype
         expected = sign.to(acc) * s + (0 if xx is None else xx.to(acc))
         assert torch.equal(out, expected.to(dtype))
 

@@ -138,9 +138,9 @@ def add_scaled_sign(
         dtype: the result's dtype; default ``x``'s. Required when ``x`` is None.
 
     Returns:
-        a new tensor of ``sign``'s shape in ``dtype``. It is computed in float32 (float64 for float64), where
-        ``scale * sign`` is exact, and rounded once: the correctly rounded ``x + scale * sign``, bit for bit
-        the same on every backend. Kernels: Triton on CUDA tensors, C++ on CPU tensors (contiguous ``x`` of
+        a new tensor of ``sign``'s shape in ``dtype``: ``x + scale * sign`` computed in float32 (float64 for
+        float64), where ``scale * sign`` is exact, and converted to ``dtype`` (for float32 and float64 the
+        correctly rounded sum), bit for bit the same on every backend. Kernels: Triton on CUDA tensors, C++ on CPU tensors (contiguous ``x`` of
         ``dtype``); otherwise :func:`add_scaled_sign_ref`. Differentiable w.r.t. ``x`` (the identity) when
         ``x`` requires grad; ``sign`` and ``scale`` are constants.
     """
