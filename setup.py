@@ -101,7 +101,7 @@ def _extension():
     # kernels must reproduce the IEEE division and rounding of the reference bit for bit.
     # -fno-wrapv undoes the -fwrapv that extension builds inherit from Python's own compiler flags: with
     # wrapping signed arithmetic GCC cannot bound the trip count of a loop such as
-    # `for (; i + 16 <= end; i += 16)` and vectorized the l1 kernel's sum into a gather loop, 8x slower
+    # `for (; i + 16 <= end; i += 16)` and vectorized the l1 kernel's sum into a gather loop, 10x slower
     # (measured on a 131k-element float32 tensor in cache). The kernels never rely on signed overflow.
     unix = ["-O3", "-fno-trapping-math", "-fno-wrapv"]
     if sys.platform == "win32":

@@ -18,7 +18,7 @@ from typing import List, Optional
 from qgrad.cli import demo, sweep, train
 from qgrad.malloc import keep_freed_memory
 
-__all__ = ["build_parser", "main"]
+__all__ = ["build_parser", "entry", "main"]
 
 # Errors a user can cause and fix (paths, formats, settings); anything else is a bug and keeps its traceback.
 EXPECTED_ERRORS = (OSError, ValueError, RuntimeError)
