@@ -49,13 +49,14 @@ sums of ``(N, C)`` inputs (float32 ``(4096, 1024)``: 46 us, 1.1 TB/s, of 79 us i
 from __future__ import annotations
 
 import functools
-import functools
 from contextlib import nullcontext
 from typing import Optional, Tuple
 
 import torch
 import triton
 import triton.language as tl
+
+from ._host import cdiv, next_power_of_2
 
 __all__ = ["batch_norm_double_backward"]
 
@@ -337,7 +338,7 @@ def _check(ggx, ggw, ggb, dy, x, weight, mean, invstd, sum_dy, sum_dy_xhat) -> N
 
 
 def _padded(size: int, block: int) -> int:
-    return triton.cdiv(size, block) * block
+    return cdiv(size, block) * block
 
 
 def _sum_tiles(n: int, c: int, s: int) -> Tuple[int, int, int]:
@@ -345,9 +346,9 @@ def _sum_tiles(n: int, c: int, s: int) -> Tuple[int, int, int]:
     neighbouring channels while a row of one is shorter than ``_SUM_RUN`` (so that each tile row is a
     contiguous run of at least that many elements in memory: ``(N, C)`` inputs read ``_SUM_RUN`` channels
     side by side); and as many rows as fill the tile."""
-    block_s = min(triton.next_power_of_2(s), _SUM_TILE)
-    block_c = max(1, min(triton.next_power_of_2(c), _SUM_RUN // block_s))
-    block_n = max(1, min(triton.next_power_of_2(n), _SUM_TILE // (block_c * block_s)))
+    block_s = min(next_power_of_2(s), _SUM_TILE)
+    block_c = max(1, min(next_power_of_2(c), _SUM_RUN // block_s))
+    block_n = max(1, min(next_power_of_2(n), _SUM_TILE // (block_c * block_s)))
     return block_n, block_c, block_s
 
 
@@ -442,12 +443,12 @@ def batch_norm_double_backward(
     part = dummy
     with torch.cuda.device(device) if x.is_cuda else nullcontext():
         if sum_g or sum_q or sum_dy_needed:
-            s_blocks = triton.cdiv(s, block_s)
-            num_tiles = triton.cdiv(n, block_n) * s_blocks
-            channel_blocks = triton.cdiv(channels, block_c)
-            split = max(1, min(num_tiles, triton.cdiv(_num_programs_target(device), channel_blocks)))
-            tiles_per_program = triton.cdiv(num_tiles, split)
-            split = triton.cdiv(num_tiles, tiles_per_program)  # no program without a tile
+            s_blocks = cdiv(s, block_s)
+            num_tiles = cdiv(n, block_n) * s_blocks
+            channel_blocks = cdiv(channels, block_c)
+            split = max(1, min(num_tiles, cdiv(_num_programs_target(device), channel_blocks)))
+            tiles_per_program = cdiv(num_tiles, split)
+            split = cdiv(num_tiles, tiles_per_program)  # no program without a tile
             part = torch.empty((channels, split, _NUM_SUMS), dtype=acc, device=device)
             _bn_sums_kernel[(channel_blocks, split)](
                 ggx if has_ggx else dummy, dy, x, mean, part,
@@ -459,9 +460,9 @@ def batch_norm_double_backward(
 
         write = need_dy or need_x
         coef = torch.empty((8, channels), dtype=acc, device=device) if write else dummy
-        block_split = triton.next_power_of_2(split)
-        coef_block = max(1, min(_COEF_BLOCK_C, triton.next_power_of_2(channels), _COEF_TILE // block_split))
-        _bn_coef_kernel[(triton.cdiv(channels, coef_block),)](
+        block_split = next_power_of_2(split)
+        coef_block = max(1, min(_COEF_BLOCK_C, next_power_of_2(channels), _COEF_TILE // block_split))
+        _bn_coef_kernel[(cdiv(channels, coef_block),)](
             part, mean, invstd,
             *(dummy if t is None else t for t in (weight, ggw, ggb)),
             sum_dy if given_dy else dummy, sum_dy_xhat if given_dy else dummy,
@@ -475,7 +476,7 @@ def batch_norm_double_backward(
         if not write:
             return None, None, d_w
 
-        _bn_apply_kernel[(triton.cdiv(numel, block),)](
+        _bn_apply_kernel[(cdiv(numel, block),)](
             ggx if has_ggx else dummy, dy, x, coef, d_dy if need_dy else dummy, d_x if need_x else dummy,
             numel, channels, s,
             HAS_GGX=has_ggx, NEED_DY=need_dy, NEED_X=need_x, ONE_CHANNEL=s % block == 0,

@@ -53,6 +53,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ._host import cdiv, next_power_of_2
+
 __all__ = ["fake_quant_fwd", "fake_quant_bwd"]
 
 # Channel-index modes of the kernels.
@@ -419,8 +421,8 @@ def _empty_like_plan(x: torch.Tensor, plan: _Plan, dtype: torch.dtype) -> torch.
 
 def _blocks(plan: _Plan, max_block_n: int) -> Tuple[int, int]:
     """``(BLOCK_M, BLOCK_N)``: a tile of about ``_TILE`` elements, as wide as the rows allow."""
-    block_n = min(triton.next_power_of_2(plan.cols), max_block_n)
-    block_m = min(triton.next_power_of_2(plan.rows), max(1, _TILE // block_n))
+    block_n = min(next_power_of_2(plan.cols), max_block_n)
+    block_m = min(next_power_of_2(plan.rows), max(1, _TILE // block_n))
     return block_m, block_n
 
 
@@ -433,8 +435,8 @@ def _needs_int64(plan: _Plan, block_m: int, block_n: int, m_iters: int = 1) -> b
     """
     (d0, d1, _, d3), rows, cols = plan.sizes, plan.rows, plan.cols
     row_chunk = block_m * m_iters
-    m_max = triton.cdiv(rows, row_chunk) * row_chunk - 1
-    n_max = triton.cdiv(cols, block_n) * block_n - 1
+    m_max = cdiv(rows, row_chunk) * row_chunk - 1
+    n_max = cdiv(cols, block_n) * block_n - 1
     index_max = (
         (m_max // d1, d1 - 1) if d0 > 1 else (0, m_max),
         (n_max // d3, d3 - 1) if d3 > 1 else (n_max, 0),
@@ -530,8 +532,8 @@ def fake_quant_fwd(
     plan, (xr,) = _make_plan([x], axis)
     y = _empty_like_plan(x, plan, x.dtype)
     block_m, block_n = _blocks(plan, _TILE)
-    num_n_blocks = triton.cdiv(plan.cols, block_n)
-    grid = (triton.cdiv(plan.rows, block_m) * num_n_blocks,)
+    num_n_blocks = cdiv(plan.cols, block_n)
+    grid = (cdiv(plan.rows, block_m) * num_n_blocks,)
     scale_stride, zp_stride = _param_strides(scale, zero_point)
     (xst,) = plan.strides
     with torch.cuda.device(x.device) if x.is_cuda else nullcontext():
@@ -591,17 +593,17 @@ def fake_quant_bwd(
     dx = _empty_like_plan(x, plan, x.dtype)
     max_block_n = _COL_BWD_BLOCK_N if plan.mode == _COL else _TILE
     block_m, block_n = _blocks(plan, max_block_n)
-    num_n_blocks = triton.cdiv(plan.cols, block_n)
-    m_blocks = triton.cdiv(plan.rows, block_m)
+    num_n_blocks = cdiv(plan.cols, block_n)
+    m_blocks = cdiv(plan.rows, block_m)
     m_iters = 1
     if plan.mode == _COL:
         # Each program sums m_iters row tiles of one column block: at least _COL_MIN_ROWS rows (bounding the
         # partial buffer), and more when that still leaves enough programs to fill the device.
-        min_iters = triton.cdiv(_COL_MIN_ROWS, block_m)
-        target_chunks = triton.cdiv(_num_programs_target(x.device), num_n_blocks)
+        min_iters = cdiv(_COL_MIN_ROWS, block_m)
+        target_chunks = cdiv(_num_programs_target(x.device), num_n_blocks)
         chunks = max(1, min(m_blocks // min_iters, target_chunks))
-        m_iters = triton.cdiv(m_blocks, chunks)
-    m_chunks = triton.cdiv(m_blocks, m_iters)
+        m_iters = cdiv(m_blocks, chunks)
+    m_chunks = cdiv(m_blocks, m_iters)
     num_programs = m_chunks * num_n_blocks
 
     part_shape = {_NONE: (num_programs,), _ROW: (num_n_blocks, plan.rows), _COL: (m_chunks, plan.cols)}[plan.mode]

@@ -26,6 +26,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ._host import cdiv
+
 __all__ = ["add_scaled_sign", "l1_norm_sign"]
 
 _BLOCK = 2048
@@ -78,7 +80,7 @@ def _launch(items: List[torch.Tensor], keep_sign: bool) -> Tuple[torch.Tensor, L
     acc = torch.float64 if dtype == torch.float64 else torch.float32
     acc_tl = tl.float64 if acc == torch.float64 else tl.float32
     signs = [torch.empty(t.shape, dtype=torch.int8, device=device) for t in items] if keep_sign else []
-    max_blocks = max(1, max(triton.cdiv(t.numel(), _BLOCK) for t in items))
+    max_blocks = max(1, max(cdiv(t.numel(), _BLOCK) for t in items))
     partial = torch.empty((len(items), max_blocks), dtype=acc, device=device)  # every entry is stored
     if len(items) == 1:
         # the sign pointer is unused without KEEP_SIGN; the partial buffer stands in for it
@@ -152,7 +154,7 @@ def add_scaled_sign(
     out = torch.empty(sign.shape, dtype=dtype, device=sign.device)
     n = sign.numel()
     if n:
-        _add_scaled_sign_kernel[(triton.cdiv(n, _BLOCK),)](
+        _add_scaled_sign_kernel[(cdiv(n, _BLOCK),)](
             sign, scale, out if x is None else x, out, n,
             HAS_X=x is not None, ACC=tl.float64 if dtype == torch.float64 else tl.float32, BLOCK=_BLOCK,
         )

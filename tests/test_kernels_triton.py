@@ -427,15 +427,12 @@ def test_is_available_reports_mode():
 
 
 _CODEGEN_SCRIPT = r"""
-import importlib.util, json, sys
+import json
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-spec = importlib.util.spec_from_file_location("fq_codegen", sys.argv[1])
-mod = importlib.util.module_from_spec(spec)
-sys.modules["fq_codegen"] = mod
-spec.loader.exec_module(mod)
+import qgrad.kernels.fake_quant as mod
 fp = {"quant_min": "fp32", "quant_max": "fp32"}
 cases = [
     (mod._fake_quant_fwd_kernel, {"x_ptr": "*fp16", "y_ptr": "*fp16", "scale_ptr": "*fp32", "zp_ptr": "*fp32", **fp},
@@ -467,7 +464,7 @@ def test_gpu_code_uses_ieee_division():
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["TRITON_DEFAULT_FP_FUSION"] = "1"
     proc = subprocess.run(
-        [sys.executable, "-c", _CODEGEN_SCRIPT, FQ.__file__], capture_output=True, text=True, env=env, timeout=300,
+        [sys.executable, "-c", _CODEGEN_SCRIPT], capture_output=True, text=True, env=env, timeout=300,
         check=False,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -530,3 +527,16 @@ def test_add_scaled_sign_kernel(dtype):
                 out = K.add_scaled_sign(sign, scale, xx, dtype)
                 assert out.dtype == dtype and out.shape == sign.shape and out.device.type == DEVICE
                 assert torch.equal(out, add_scaled_sign_ref(sign, scale, xx, dtype))
+
+
+def test_host_integer_helpers_match_triton():
+    """The launchers' grid and block arithmetic (``kernels/_host.py``) agrees with Triton's own helpers."""
+    import triton
+
+    from qgrad.kernels._host import cdiv, next_power_of_2
+
+    for a in list(range(0, 300)) + [2**31 - 1, 2**31, 2**40 + 3]:
+        for b in (1, 2, 3, 7, 64, 2048):
+            assert cdiv(a, b) == triton.cdiv(a, b)
+    for n in list(range(0, 5000)) + [2**31 - 1, 2**31, 2**31 + 1]:
+        assert next_power_of_2(n) == triton.next_power_of_2(n)
