@@ -6,8 +6,9 @@ backward through torch's BatchNorm and convolution; the ``exact_autograd`` basel
 under ``torch.profiler`` for ``--steps`` steps after warm-up steps, and prints per mode the wall time per
 step (synchronized, median) and the ``--top`` operators by self CPU time (per step) with their call counts;
 with ``--device cuda`` also the GPU busy time (the sum of kernel and copy times), their number, and the top
-kernels: a step whose wall time is far above its GPU busy time is bound by the host (Python, autograd, kernel launches). Single-threaded by default (``--threads``): on a shared machine,
-per-op CPU times of one thread are far less disturbed by other processes than wall times of several.
+kernels: a step whose wall time is far above its GPU busy time is bound by the host (Python, autograd, kernel
+launches). Single-threaded by default (``--threads``): on a shared machine, per-op CPU times of one thread are
+far less disturbed by other processes than wall times of several.
 
     python benchmarks/profile_penalty_step.py --model resnet18 --width 0.25 --batch 32
     python benchmarks/profile_penalty_step.py --device cuda --width 1 --batch 128 --modes exact_qgrad

@@ -55,9 +55,6 @@ def is_available() -> Tuple[bool, str]:
 
 
 def __getattr__(name: str):
-    if (
-        name in ("add_scaled_sign", "fake_quant_fwd", "fake_quant_bwd", "l1_norm_sign", "batch_norm_double_backward")
-        and _IMPORT_ERROR is not None
-    ):
+    if name in __all__ and _IMPORT_ERROR is not None:  # a launcher whose import failed
         raise ImportError(f"qgrad.kernels.{name} needs triton, which could not be imported: {_IMPORT_ERROR}")
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

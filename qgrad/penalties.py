@@ -730,13 +730,13 @@ class L1GradPenalty(_GradNormPenalty):
         forward pre-hook sets the twins' ``fused_double_backward`` from the call counter). A penalized step
         is ``k`` times stronger than one of ``every=1``; with a large ``lambda`` or learning rate that can
         destabilize training (see the README's mode comparison). ``backward`` returns the same keys on every
-        call: ``loss`` of the step, ``penalty_scale``, the factor the penalty gradient got on this call
-        (``k`` or 0.0; it averages to 1 over ``k`` calls), and ``penalty``, ``weight_l1``,
-        ``activation_l1`` as measured on the last penalized call: a plain step computes no gradient
-        statistics (reducing every activation gradient to its norm in a hook cost a plain ResNet-18 step 2%
-        more on a CPU at batch 32, and 27% more where the host is the bottleneck, as on a GPU at batch 128),
-        so it repeats them, and an average over steps is an average over the penalized ones. A plain step does not check that the recorded
-        activations belong to the loss; the next penalized step does. The counter is not saved with
+        call: ``loss`` of the step, ``penalty_scale``, the factor the penalty gradient got on this call (``k``
+        or 0.0; it averages to 1 over ``k`` calls), and ``penalty``, ``weight_l1``, ``activation_l1`` as
+        measured on the last penalized call: a plain step computes no gradient statistics (reducing every
+        activation gradient to its norm in a hook cost a plain ResNet-18 step 2% more on a CPU at batch 32,
+        and 27% more where the host is the bottleneck, as on a GPU at batch 128), so it repeats them, and an
+        average over steps is an average over the penalized ones. A plain step does not check that the
+        recorded activations belong to the loss; the next penalized step does. The counter is not saved with
         checkpoints: a resumed run starts again at a penalized call.
 
         ``method="worst-case"``: one extra forward/backward at the worst-case l_inf perturbation of the

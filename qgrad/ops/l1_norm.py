@@ -18,10 +18,11 @@ the int8 sign, with no temporaries: on CUDA tensors the Triton kernel ``qgrad.ke
 (``kernels/l1_norm.py``, one launch for all tensors of a dtype, or one without a pointer table for a single
 tensor; tested on an H100 and under ``TRITON_INTERPRET=1``); on CPU tensors the C++ kernel
 ``qgrad._C.l1_norm_sign`` (``csrc/cpu/l1_norm.cpp``, one parallel loop over all tensors). Where neither can
-run, or under ``QGRAD_BACKEND=torch``, ``abs().sum()`` and ``sign().to(int8)`` per tensor. Measured on the 38 gradients of a CIFAR ResNet-18 step
-(width 0.25, batch 32: 5.1 M float32 elements; 2-core Xeon): 2.1 ms for the C++ kernel against 4.8 ms for the
-PyTorch ops on one thread, 1.1 ms against 2.7 ms on two (4.8 ms and 2.8 ms before the extension was built
-with ``-fno-wrapv`` and an AVX2 clone of its loop; see ``setup.py`` and ``csrc/cpu/multiversion.h``).
+run, or under ``QGRAD_BACKEND=torch``, ``abs().sum()`` and ``sign().to(int8)`` per tensor. Measured on the 38
+gradients of a CIFAR ResNet-18 step (width 0.25, batch 32: 5.1 M float32 elements; 2-core Xeon): 2.1 ms for
+the C++ kernel against 4.8 ms for the PyTorch ops on one thread, 1.1 ms against 2.7 ms on two (4.8 ms and 2.8
+ms before the extension was built with ``-fno-wrapv`` and an AVX2 clone of its loop; see ``setup.py`` and
+``csrc/cpu/multiversion.h``).
 
 The backward turns each sign tensor into its seed with :func:`add_scaled_sign` (``x + scale * sign`` in one
 pass: cast, scale and add fused; Triton on CUDA, C++ on CPU), which also makes the activation shifts of the
@@ -140,9 +141,9 @@ def add_scaled_sign(
     Returns:
         a new tensor of ``sign``'s shape in ``dtype``: ``x + scale * sign`` computed in float32 (float64 for
         float64), where ``scale * sign`` is exact, and converted to ``dtype`` (for float32 and float64 the
-        correctly rounded sum), bit for bit the same on every backend. Kernels: Triton on CUDA tensors, C++ on CPU tensors (contiguous ``x`` of
-        ``dtype``); otherwise :func:`add_scaled_sign_ref`. Differentiable w.r.t. ``x`` (the identity) when
-        ``x`` requires grad; ``sign`` and ``scale`` are constants.
+        correctly rounded sum), bit for bit the same on every backend. Kernels: Triton on CUDA tensors, C++ on
+        CPU tensors (contiguous ``x`` of ``dtype``); otherwise :func:`add_scaled_sign_ref`. Differentiable
+        w.r.t. ``x`` (the identity) when ``x`` requires grad; ``sign`` and ``scale`` are constants.
     """
     if not isinstance(sign, torch.Tensor) or sign.dtype != torch.int8:
         got = sign.dtype if isinstance(sign, torch.Tensor) else type(sign).__name__
