@@ -520,6 +520,26 @@ def _half_bin(t: torch.Tensor, bits: int, allow_unsigned: bool) -> torch.Tensor:
     return torch.where(t.amin() >= 0, amax / (2**bits - 1), signed) / 2
 
 
+def _check_no_synced_batchnorm(model: nn.Module) -> None:
+    """The exact penalty differentiates BatchNorm's backward. ``nn.SyncBatchNorm`` across processes reduces its
+    statistics with collectives that autograd does not record, so that derivative cannot be taken."""
+    if not isinstance(model, nn.Module) or not (
+        torch.distributed.is_available() and torch.distributed.is_initialized()
+    ):
+        return
+    for name, m in model.named_modules():
+        if isinstance(m, nn.SyncBatchNorm):
+            group = m.process_group or torch.distributed.group.WORLD
+            if torch.distributed.get_world_size(group) > 1:
+                raise ValueError(
+                    f"module {name or type(model).__name__!r} is an nn.SyncBatchNorm over "
+                    f"{torch.distributed.get_world_size(group)} processes: its statistics are reduced across "
+                    "processes outside autograd, so method='exact' cannot differentiate its backward. Use "
+                    "per-process BatchNorm (do not convert the model with SyncBatchNorm), or "
+                    "method='worst-case', which takes no second derivative"
+                )
+
+
 def _plain_twin(module: nn.Module, plain: Optional[bool]) -> None:
     """Set (True / False) or remove (None) a twin module's ``fused_double_backward = not plain`` override."""
     if plain is None:
@@ -596,16 +616,34 @@ class _ActivationShift(TorchFunctionMode):
 
 
 class _GradientInjection(torch.autograd.Function):
-    """Returns ``value`` unchanged; its backward hands precomputed gradients to ``targets``."""
+    """Returns ``value`` unchanged; its backward hands precomputed gradients to ``targets``, scaled by the
+    incoming gradient (handed over as they are when ``value`` is None: the caller backpropagates 1)."""
 
     @staticmethod
     def forward(ctx, value, grads, *targets):
         ctx.grads = grads
-        return value.detach().clone()
+        ctx.unit = value is None
+        return targets[0].new_zeros(()) if value is None else value.detach().clone()
 
     @staticmethod
     def backward(ctx, grad):
-        return (None, None, *[None if g is None else g * grad.to(g.dtype) for g in ctx.grads])
+        if ctx.unit:
+            # the caller's list is emptied: holding no other reference, the gradient accumulators take the
+            # tensors as the new .grad instead of copying them
+            grads = list(ctx.grads)
+            ctx.grads.clear()
+        else:
+            grads = [None if g is None else g * grad.to(g.dtype) for g in ctx.grads]
+        return (None, None, *grads)
+
+
+def _accumulate_by_backward(targets: Sequence[torch.Tensor], grads: List[Optional[torch.Tensor]]) -> None:
+    """Add ``grads[i]`` into ``targets[i].grad`` through one autograd backward (a single node feeding the
+    targets' gradient accumulators), so that what hooks those accumulators runs as after any backward:
+    DistributedDataParallel averages the gradients over processes, post-accumulate-grad hooks fire.
+    Empties ``grads``."""
+    if any(g is not None for g in grads):
+        _GradientInjection.apply(None, grads, *targets).backward()
 
 
 def _store_into(slots: list, i: int):
@@ -788,7 +826,18 @@ class L1GradPenalty(_GradNormPenalty):
         like) and 1.9x (ResNet-18) a plain step's peak at width 0.25, batch 32 on a CPU, 1.4x and 1.6x on an
         H100 at full width, batch 128. ``penalty(loss,
         closure)`` must keep the first graph for the caller's ``(loss + R).backward()`` and so costs one
-        more backward. Stats as above; ``penalty`` is ``R_wc``.
+        more backward. ``backward`` adds the penalty gradient ``dR_wc/dtheta`` to ``.grad`` through a second
+        backward of a single node, so that the parameters' gradient-accumulator hooks see it:
+        ``DistributedDataParallel`` averages it over processes like the first gradient (the closure must
+        call the wrapped model), and post-accumulate-grad hooks fire once per backward, twice per step.
+        Stats as above; ``penalty`` is ``R_wc``.
+
+    Several processes
+        With ``DistributedDataParallel``, give the penalty the wrapped model (or the inner one: the hooks are
+        on the same layers). Each process penalizes the gradients of its own batch, and every mode ends the
+        step with the gradients averaged over the processes, as for a plain loss. The exact method raises
+        ``ValueError`` for ``nn.SyncBatchNorm`` across processes (its statistics are reduced outside
+        autograd, so its backward cannot be differentiated).
     """
 
     _ord = 1.0
@@ -810,6 +859,8 @@ class L1GradPenalty(_GradNormPenalty):
     ):
         every = _check_every(every)
         method, h, bits = _check_method(method, h, bits)
+        if method == "exact":
+            _check_no_synced_batchnorm(model)
         for name, flag in (("fused_batchnorm", fused_batchnorm), ("fused_conv", fused_conv)):
             if not isinstance(flag, bool):
                 raise TypeError(f"{name} must be True or False, got {flag!r}")
@@ -1039,21 +1090,19 @@ class L1GradPenalty(_GradNormPenalty):
             diffs: List[Optional[torch.Tensor]] = [None] * len(targets)
             both = [i for i, (a, b) in enumerate(zip(g1, g2)) if a is not None and b is not None]
             if both:
-                fused = torch._foreach_sub([g2[i] for i in both], [g1[i] for i in both])
+                fused = list(torch._foreach_sub([g2[i] for i in both], [g1[i] for i in both]))
                 torch._foreach_mul_(fused, coef)
-                for i, d in zip(both, fused):
-                    diffs[i] = d
+                for i in reversed(both):
+                    diffs[i] = fused.pop()
             for i, (a, b) in enumerate(zip(g1, g2)):
                 if (a is None) != (b is None):
                     diffs[i] = b * coef if a is None else a * -coef
             reg = (loss2.detach() - loss.detach()).to(_accumulation_dtype(loss)) * (lam * inv_h)
-            if into_grad:
-                have = [i for i, d in enumerate(diffs) if d is not None and targets[i].grad is not None]
-                if have:
-                    torch._foreach_add_([targets[i].grad for i in have], [diffs[i] for i in have])
-                for t, d in zip(targets, diffs):
-                    if d is not None and t.grad is None:
-                        t.grad = d
+        if into_grad:
+            # not added into .grad directly: under DistributedDataParallel the first backward has averaged
+            # g1 over the processes, and the closure's forward has prepared the next averaging, which this
+            # backward triggers; each process's difference would otherwise stay its own
+            _accumulate_by_backward(targets, diffs)
         self._fresh = True
         stats = {"loss": loss, "penalty": reg, **terms}
         if not into_grad:  # the value scaled like the gradients, which already carry the factor `every`

@@ -1,0 +1,90 @@
+"""L1GradPenalty under DistributedDataParallel: every process must end a step with the same gradients, the
+average over processes of what each would get alone on its own batch (what DDP does for a plain loss).
+
+Two CPU processes with the gloo backend, rendezvous through a file. Each process builds the same model,
+keeps an undistributed copy as the reference, and compares gradients for every mode; an exception in a
+worker fails the test through ``torch.multiprocessing.spawn``. The exact method refuses a model with
+``nn.SyncBatchNorm`` across processes (its backward cannot be differentiated).
+"""
+import copy
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import torch.nn.functional as F
+from torch import nn
+
+from qgrad import L1GradPenalty
+
+pytestmark = pytest.mark.skipif(
+    not (dist.is_available() and dist.is_gloo_available()), reason="torch.distributed with gloo is not available"
+)
+
+WORLD = 2
+MODES = [
+    ("exact", {}, "backward"),
+    ("exact, penalty(loss)", {}, "call"),
+    ("every=2", {"every": 2}, "backward"),
+    ("worst-case", {"method": "worst-case", "h": 1e-2}, "backward"),
+    ("worst-case, penalty(loss, closure)", {"method": "worst-case", "h": 1e-2}, "call"),
+    ("worst-case, bits=4", {"method": "worst-case", "bits": 4}, "backward"),
+]
+
+
+def _model() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Conv2d(3, 6, 3, padding=1), nn.BatchNorm2d(6), nn.ReLU(),
+        nn.Conv2d(6, 8, 3, stride=2), nn.BatchNorm2d(8), nn.ReLU(),
+        nn.Flatten(), nn.Linear(8 * 3 * 3, 5),
+    ).double()
+
+
+def _step(model, penalty, x, y, via):
+    def closure():
+        return F.cross_entropy(model(x), y)
+
+    loss = closure()
+    if via == "backward":
+        penalty.backward(loss, closure)
+    else:
+        (loss + penalty(loss, closure)).backward()
+
+
+def _worker(rank: int, init_file: str) -> None:
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
+    try:
+        generator = torch.Generator().manual_seed(100 + rank)  # each process its own batch
+        batches = [
+            (torch.randn(4, 3, 8, 8, generator=generator, dtype=torch.float64),
+             torch.randint(0, 5, (4,), generator=generator))
+            for _ in range(2)
+        ]
+        for name, kwargs, via in MODES:
+            alone, model = _model(), _model()
+            ddp = nn.parallel.DistributedDataParallel(model)
+            penalties = (L1GradPenalty(alone, **kwargs), L1GradPenalty(ddp, **kwargs))
+            # two steps: every=2 takes a penalized and a plain one
+            for x, y in batches:
+                alone.zero_grad()
+                ddp.zero_grad()
+                _step(alone, penalties[0], x, y, via)
+                _step(ddp, penalties[1], x, y, via)
+                for (pname, p_alone), p in zip(alone.named_parameters(), model.parameters()):
+                    expected = p_alone.grad.clone()
+                    dist.all_reduce(expected)
+                    expected /= WORLD
+                    torch.testing.assert_close(
+                        p.grad, expected, rtol=1e-9, atol=1e-12, msg=lambda m: f"{name}, {pname}: {m}"
+                    )
+        synced = nn.SyncBatchNorm.convert_sync_batchnorm(_model())
+        with pytest.raises(ValueError, match="SyncBatchNorm over 2 processes"):
+            L1GradPenalty(synced)
+        L1GradPenalty(synced, method="worst-case")  # no second derivative: allowed
+    finally:
+        dist.destroy_process_group()
+
+
+def test_distributed_data_parallel_averages_the_penalized_gradients_and_sync_batchnorm_is_refused(tmp_path):
+    mp.spawn(_worker, args=(str(tmp_path / "rendezvous"),), nprocs=WORLD, join=True)
