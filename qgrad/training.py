@@ -36,6 +36,8 @@ from typing import Any, Dict, Iterable, List, Optional, Tuple, Union
 import torch
 from torch import nn
 
+from qgrad._processes import join
+
 __all__ = [
     "CheckpointError",
     "TrainConfig",
@@ -450,11 +452,13 @@ def _fmt_epoch(row: dict, epochs: int) -> str:
     return "  ".join(parts)
 
 
-def _train_epoch(model, loader, optimizer, scheduler, penalty, device, desc, progress) -> dict:
-    """One pass over ``loader``; the scheduler steps after every batch. Returns the epoch's mean statistics.
+def _train_epoch(model, loader, optimizer, scheduler, penalty, device, desc, progress, processes) -> dict:
+    """One pass over ``loader``; the scheduler steps after every batch. Returns the epoch's mean statistics
+    (over all processes).
 
     Raises TrainingError as soon as a non-finite loss or penalty is seen (checked at every progress update and
-    at the end of the epoch, so GPU runs do not synchronize on every step).
+    at the end of the epoch, so GPU runs do not synchronize on every step). With several processes each checks
+    its own part of the batch; torchrun stops the others when one fails.
     """
     from tqdm.auto import tqdm
 
@@ -500,16 +504,23 @@ def _train_epoch(model, loader, optimizer, scheduler, penalty, device, desc, pro
     bar.close()
     if count == 0:
         raise TrainingError("the training loader produced no batches")
-    mean = float(loss_sum) / count
+    # every process ran the same number of steps on equal parts of each batch: the sums over the processes
+    # give the statistics of the whole batches; the penalty terms are averaged over the processes
+    names = sorted(terms)
+    loss_total, correct_total, count_total, *term_totals = processes.sum(
+        [float(loss_sum), float(correct), float(count)] + [terms[k] for k in names], device
+    )
+    mean = loss_total / count_total
     if not math.isfinite(mean):
         raise TrainingError(f"{desc}: the training loss became non-finite")
     row = {
         "train_loss": mean,
-        "train_acc": 100.0 * float(correct) / count,
+        "train_acc": 100.0 * correct_total / count_total,
         "penalty": None,
         "penalty_terms": {},
     }
     if penalty is not None:
+        terms = {k: v / processes.world_size for k, v in zip(names, term_totals)}
         total = terms.pop("penalty", None)
         row["penalty"] = None if total is None else total / steps
         row["penalty_terms"] = {k: v / steps for k, v in terms.items()}
@@ -539,9 +550,16 @@ def train(
         TrainingError: ``config.out`` already holds a checkpoint (and ``resume`` is False), the resumed
             settings differ, or the loss became non-finite (the checkpoint of the last good epoch stays).
         CheckpointError: ``init`` or the resumed checkpoint is missing or unreadable.
-    """
-    from qgrad import data as qdata
 
+    Several processes (data-parallel; started by ``torchrun``, or any initialized default process group):
+    each process trains a ``DistributedDataParallel`` replica on its part of every batch (``batch_size`` is
+    the batch of all processes together and must be divisible by their number), on the GPU of its
+    ``LOCAL_RANK`` (``device`` ``"auto"`` or ``"cuda"``) or on the CPU (gloo). The gradients, penalty
+    included, are averaged over the processes; BatchNorm normalizes each process's part with its own
+    statistics, and the running statistics of the first process (rank 0) are the ones every replica uses
+    and the checkpoint keeps. Only rank 0 evaluates, writes the run directory, logs and shows progress;
+    every process returns the same metrics. A resumed run may use another number of processes.
+    """
     if not isinstance(config, TrainConfig):
         raise TypeError(f"config must be a TrainConfig, got {type(config).__name__}")
     _check_config(config)
@@ -560,8 +578,19 @@ def train(
         )
     # Read init before the data, so that an unusable file fails fast.
     init_state = load_checkpoint(config.init) if config.init is not None and not resume else None
-    device = resolve_device(config.device)
+    processes, device = join(resolve_device(config.device))
+    try:
+        return _run(config, resume, stop_after, init_state, processes, device, progress)
+    finally:
+        processes.close()
 
+
+def _run(config, resume, stop_after, init_state, processes, device, progress) -> Dict[str, Any]:
+    from qgrad import data as qdata
+
+    run_dir = Path(config.out)
+    ckpt_path = run_dir / CHECKPOINT
+    main = processes.main
     data = qdata.load(config.dataset, root=config.data_root)
     cfg = _resolve(config, data)
     state = None
@@ -582,6 +611,11 @@ def train(
 
     if len(data.train_y) < cfg.batch_size:
         raise ValueError(f"batch_size {cfg.batch_size} exceeds the {len(data.train_y)} training examples")
+    if cfg.batch_size % processes.world_size:
+        raise ValueError(
+            f"batch_size {cfg.batch_size} (the batch of all processes together) is not divisible by the "
+            f"{processes.world_size} processes"
+        )
     train_loader = qdata.DeviceLoader(
         data.train_x,
         data.train_y,
@@ -592,6 +626,8 @@ def train(
         seed=cfg.seed,
         device=device,
         drop_last=True,
+        rank=processes.rank,
+        world_size=processes.world_size,
     )
     test_loader = qdata.DeviceLoader(data.test_x, data.test_y, max(256, cfg.batch_size), device=device)
     optimizer = torch.optim.SGD(
@@ -613,17 +649,25 @@ def train(
             torch.set_rng_state(rng["torch"])
         if device.type == "cuda" and rng.get("cuda"):
             torch.cuda.set_rng_state_all(rng["cuda"])
-        # Lines for epochs after the checkpoint (written just before an interrupted checkpoint save) go away.
-        kept = [r for r in _read_metrics(metrics_path) if int(r.get("epoch", 0)) <= start_epoch]
-        _save_text("".join(json.dumps(r) + "\n" for r in kept), metrics_path)
-    else:
+        if main:
+            # Lines for epochs after the checkpoint (written just before an interrupted checkpoint save) go.
+            kept = [r for r in _read_metrics(metrics_path) if int(r.get("epoch", 0)) <= start_epoch]
+            _save_text("".join(json.dumps(r) + "\n" for r in kept), metrics_path)
+    elif main:
         run_dir.mkdir(parents=True, exist_ok=True)
         _save_text("", metrics_path)
-    _save_text(json.dumps(cfg.to_dict(), indent=2) + "\n", run_dir / CONFIG_FILE)
+    if main:
+        _save_text(json.dumps(cfg.to_dict(), indent=2) + "\n", run_dir / CONFIG_FILE)
 
     if start_epoch >= cfg.epochs:
-        logger.info("%s: all %d epochs are already done", run_dir, cfg.epochs)
+        if main:
+            logger.info("%s: all %d epochs are already done", run_dir, cfg.epochs)
         return {**(last or {}), **_summary(best, start_epoch, cfg, run_dir)}
+    # the module that trains: with several processes, DistributedDataParallel around the model (the files hold
+    # the model's own state_dict, without the wrapper's "module." prefix)
+    net = model
+    if processes.distributed:
+        net = nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
 
     penalty_start = 0 if cfg.init is not None else max(0, cfg.epochs - cfg.penalty_epochs)
     end_epoch = cfg.epochs if stop_after is None else min(cfg.epochs, start_epoch + stop_after)
@@ -631,36 +675,42 @@ def train(
     try:
         for epoch in range(start_epoch, end_epoch):
             if cfg.penalty != "none" and epoch >= penalty_start and penalty is None:
-                penalty = _make_penalty(model, cfg)
-                logger.info("epoch %d: %s penalty on (lambda %g)", epoch + 1, cfg.penalty, cfg.lam)
+                penalty = _make_penalty(net, cfg)
+                if main:
+                    logger.info("epoch %d: %s penalty on (lambda %g)", epoch + 1, cfg.penalty, cfg.lam)
             train_loader.set_epoch(epoch)
             t0 = time.perf_counter()
             lr = optimizer.param_groups[0]["lr"]
             row = {"epoch": epoch + 1, "lr": lr}
             row.update(
                 _train_epoch(
-                    model,
+                    net,
                     train_loader,
                     optimizer,
                     scheduler,
                     penalty,
                     device,
                     f"epoch {epoch + 1}/{cfg.epochs}",
-                    progress,
+                    progress and main,
+                    processes,
                 )
             )
+            row["test_loss"], row["test_acc"] = None, None
             if (epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.epochs:
-                row["test_loss"], row["test_acc"] = evaluate(model, test_loader)
-            else:
-                row["test_loss"], row["test_acc"] = None, None
+                # the main process's model: its BatchNorm statistics are the ones DistributedDataParallel
+                # hands to every process at the next forward, and the ones the checkpoint keeps
+                if main:
+                    row["test_loss"], row["test_acc"] = evaluate(model, test_loader)
+                row["test_loss"], row["test_acc"] = processes.broadcast((row["test_loss"], row["test_acc"]))
             row["seconds"] = time.perf_counter() - t0
             last = row
             if row["test_acc"] is not None and (best is None or row["test_acc"] > best["test_acc"]):
                 best = row
-            # metrics first, checkpoint second: a crash in between leaves an extra line that resume drops.
-            _append_metrics(metrics_path, row)
-            _save_checkpoint(run_dir, model, optimizer, scheduler, epoch + 1, cfg, best, last, device)
-            logger.info("%s", _fmt_epoch(row, cfg.epochs))
+            if main:
+                # metrics first, checkpoint second: a crash in between leaves an extra line that resume drops.
+                _append_metrics(metrics_path, row)
+                _save_checkpoint(run_dir, model, optimizer, scheduler, epoch + 1, cfg, best, last, device)
+                logger.info("%s", _fmt_epoch(row, cfg.epochs))
     finally:
         if penalty is not None:
             penalty.remove()

@@ -348,6 +348,37 @@ def test_loader_draws_do_not_depend_on_batch_size():
     assert torch.equal(small[0], large[0]) and torch.equal(small[1], large[1])
 
 
+@pytest.mark.parametrize("world_size", [2, 3])
+def test_loader_parts_of_processes_make_up_the_single_process_batches(world_size):
+    x, y = make_data(n=50)
+    kwargs = dict(batch_size=12, shuffle=True, crop_padding=2, flip=True, seed=5, drop_last=True)
+    single = DeviceLoader(x, y, **kwargs)
+    parts = [DeviceLoader(x, y, rank=r, world_size=world_size, **kwargs) for r in range(world_size)]
+    for epoch in range(2):  # a second epoch draws anew, in every process alike
+        whole = list(single)
+        pieces = [list(p) for p in parts]
+        assert all(len(p) == len(single) == 4 for p in parts)
+        for i, (xb, yb) in enumerate(whole):
+            assert all(piece[i][0].shape[0] == 12 // world_size for piece in pieces)
+            assert torch.equal(torch.cat([piece[i][0] for piece in pieces]), xb)
+            assert torch.equal(torch.cat([piece[i][1] for piece in pieces]), yb)
+
+
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        (dict(rank=2, world_size=2), r"rank must be an int in \[0, 2\), got 2"),
+        (dict(world_size=0), "world_size must be an int >= 1"),
+        (dict(world_size=3), "divisible by 3 and drop_last=True, got batch_size=4, drop_last=True"),
+        (dict(world_size=2, drop_last=False), "drop_last=True, got batch_size=4, drop_last=False"),
+    ],
+)
+def test_loader_bad_process_arguments(kwargs, match):
+    x, y = make_data(n=10)
+    with pytest.raises(ValueError, match=match):
+        DeviceLoader(x, y, **{"batch_size": 4, "drop_last": True, **kwargs})
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.gpu
 def test_loader_on_cuda_matches_cpu():

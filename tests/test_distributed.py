@@ -6,7 +6,11 @@ keeps an undistributed copy as the reference, and compares gradients for every m
 worker fails the test through ``torch.multiprocessing.spawn``. The exact method refuses a model with
 ``nn.SyncBatchNorm`` across processes (its backward cannot be differentiated).
 """
-import copy
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -88,3 +92,35 @@ def _worker(rank: int, init_file: str) -> None:
 
 def test_distributed_data_parallel_averages_the_penalized_gradients_and_sync_batchnorm_is_refused(tmp_path):
     mp.spawn(_worker, args=(str(tmp_path / "rendezvous"),), nprocs=WORLD, join=True)
+
+
+def test_torchrun_trains_data_parallel_and_a_single_process_resumes(tmp_path):
+    """``torchrun -m qgrad train`` with two CPU processes: one process reports, the run directory is written
+    once per epoch, and a single process resumes the run (the global batches do not depend on the number of
+    processes)."""
+    repo = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(repo), os.environ.get("PYTHONPATH", "")])}
+    out = tmp_path / "run"
+    options = ["--dataset", "digits", "--model", "vgg_like", "--width", "0.0625", "--batch-size", "64",
+               "--device", "cpu", "--no-progress", "--epochs", "2", "--penalty", "l1", "--penalty-epochs", "1",
+               "--out", str(out)]
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(WORLD)]
+    proc = subprocess.run(
+        [*torchrun, "-m", "qgrad", "train", *options, "--stop-after", "1"],
+        capture_output=True, text=True, env=env, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count("stopped after epoch 1/2") == 1, proc.stdout  # the first process reports
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in rows] == [1] and rows[0]["penalty"] is None
+    assert 0 < rows[0]["train_loss"] < 3 and rows[0]["test_acc"] is not None
+
+    proc = subprocess.run(
+        [sys.executable, "-m", "qgrad", "train", "--out", str(out), "--resume", "--no-progress"],
+        capture_output=True, text=True, env=env, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in rows] == [1, 2] and rows[1]["penalty"] is not None
+    ckpt = torch.load(out / "checkpoint.pt", weights_only=True)
+    assert ckpt["epoch"] == 2 and not any(k.startswith("module.") for k in ckpt["model"])

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 from pathlib import Path
 
 from qgrad import data, models
@@ -17,7 +18,7 @@ _OPTIONS = (
     ("--data-root", "data_root", str, "folder with the dataset files (CIFAR-10: the python batches)"),
     ("--width", "width", float, "channel multiplier of the model"),
     ("--epochs", "epochs", int, "epochs of the run; the cosine learning-rate schedule spans all of them"),
-    ("--batch-size", "batch_size", int, "training batch size"),
+    ("--batch-size", "batch_size", int, "training batch size (of all processes together under torchrun)"),
     ("--lr", "lr", float, "initial SGD learning rate (cosine decay to 0, stepped per batch)"),
     ("--momentum", "momentum", float, "SGD momentum"),
     (
@@ -39,7 +40,12 @@ _OPTIONS = (
     ),
     ("--init", "init", str, "start from the weights of this checkpoint.pt/model.pt (a fine-tuning run)"),
     ("--seed", "seed", int, "seed of the initialization and the data order/augmentation"),
-    ("--device", "device", str, "auto (CUDA when available), cpu, cuda, cuda:N"),
+    (
+        "--device",
+        "device",
+        str,
+        "auto (CUDA when available), cpu, cuda, cuda:N; under torchrun auto/cuda use the GPU of LOCAL_RANK",
+    ),
     ("--eval-every", "eval_every", int, "evaluate on the test split every N epochs (and after the last)"),
 )
 
@@ -53,11 +59,13 @@ def add_parser(sub, parents) -> None:
             "Train a model with SGD and a cosine schedule. With --penalty the penalty is switched on for the "
             "last --penalty-epochs epochs, or for the whole run when fine-tuning from --init. RUN_DIR "
             "receives config.json, metrics.jsonl (one line per epoch), checkpoint.pt (to --resume) and "
-            "model.pt."
+            "model.pt. Started by torchrun, the processes train data-parallel (DistributedDataParallel), "
+            "each on its part of every batch."
         ),
         epilog=(
             "example: qgrad train --model vgg_like --dataset cifar10 --data-root data/cifar-10-batches-py "
-            "--epochs 100 --penalty l1 --lam 0.05 --penalty-epochs 15 --out runs/vgg_l1"
+            "--epochs 100 --penalty l1 --lam 0.05 --penalty-epochs 15 --out runs/vgg_l1; on 4 GPUs: "
+            "torchrun --nproc_per_node 4 -m qgrad train ... (same options)"
         ),
     )
     for flag, field, kind, text in _OPTIONS:
@@ -109,6 +117,8 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
 def run(args: argparse.Namespace) -> int:
     config = config_from_args(args)
     result = train(config, progress=not args.no_progress, resume=args.resume, stop_after=args.stop_after)
+    if os.environ.get("RANK", "0") != "0":  # under torchrun the first process reports for all
+        return 0
     acc = result.get("test_acc")
     best = result.get("best_test_acc")
     state = "finished" if result["finished"] else f"stopped after epoch {result['epoch']}/{config.epochs}"

@@ -74,6 +74,12 @@ class DeviceLoader:
         seed: int in [0, 2**63).
         device: where batches are produced; default ``x.device``.
         drop_last: drop the last batch when it has fewer than ``batch_size`` samples.
+        rank, world_size: for data-parallel training, ``batch_size`` is the batch of all ``world_size``
+            processes together, and this loader yields part ``rank`` of each: samples
+            ``[rank * b, (rank + 1) * b)`` of the batch, ``b = batch_size / world_size``. Loaders with the
+            same seed in every process draw the same epochs, so the parts are disjoint and together are
+            exactly the batches of a single-process loader. Needs ``batch_size`` divisible by
+            ``world_size`` and ``drop_last`` when ``world_size > 1``.
     """
 
     def __init__(
@@ -87,6 +93,8 @@ class DeviceLoader:
         seed: int = 0,
         device: Optional[Union[str, torch.device]] = None,
         drop_last: bool = False,
+        rank: int = 0,
+        world_size: int = 1,
     ):
         if not isinstance(x, Tensor) or not isinstance(y, Tensor):
             raise TypeError(f"x and y must be tensors, got {type(x).__name__} and {type(y).__name__}")
@@ -111,6 +119,13 @@ class DeviceLoader:
                 f"random crops and flips need floating-point images (N, C, H, W), got a {x.dtype} tensor of "
                 f"shape {tuple(x.shape)}"
             )
+        world_size = _check_int("world_size", world_size, 1)
+        rank = _check_int("rank", rank, 0, world_size)
+        if world_size > 1 and (batch_size % world_size or not drop_last):
+            raise ValueError(
+                f"a loader shared by {world_size} processes needs a batch_size divisible by {world_size} and "
+                f"drop_last=True, got batch_size={batch_size}, drop_last={drop_last}"
+            )
         device = x.device if device is None else torch.device(device)
         self.x = x.to(device)
         self.y = y.to(device)
@@ -121,6 +136,8 @@ class DeviceLoader:
         self.seed = seed
         self.device = device
         self.drop_last = drop_last
+        self.rank = rank
+        self.world_size = world_size
         self._next_epoch = 0
 
     @property
@@ -157,8 +174,10 @@ class DeviceLoader:
         return self._batches(order, top, left, flips) if augment else self._batches(order)
 
     def _batches(self, order, top=None, left=None, flips=None) -> Iterator[Tuple[Tensor, Tensor]]:
+        part = self.batch_size // self.world_size
         for i in range(len(self)):
-            start, stop = i * self.batch_size, min((i + 1) * self.batch_size, self.num_samples)
+            start = i * self.batch_size + self.rank * part
+            stop = min(start + part, self.num_samples)
             if order is None:
                 xb, yb = self.x[start:stop], self.y[start:stop]
             else:
