@@ -832,6 +832,12 @@ class L1GradPenalty(_GradNormPenalty):
         call the wrapped model), and post-accumulate-grad hooks fire once per backward, twice per step.
         Stats as above; ``penalty`` is ``R_wc``.
 
+    Loss scaling
+        For ``S * L`` (``S > 0``) every mode gives ``S * R`` and ``S * dR/dtheta``: the gradient norms are
+        positively homogeneous and the signs do not change. So with a ``GradScaler`` pass
+        ``scaler.scale(loss)`` (and, for ``"worst-case"``, a closure returning the scaled loss); the
+        statistics returned are then scaled by ``S``.
+
     Several processes
         With ``DistributedDataParallel``, give the penalty the wrapped model (or the inner one: the hooks are
         on the same layers). Each process penalizes the gradients of its own batch, and every mode ends the

@@ -602,3 +602,32 @@ def test_worst_case_errors_leave_the_model_unchanged():
     ]:
         with pytest.raises(ValueError, match=message):
             L1GradPenalty(model, **kwargs)
+
+
+# ----------------------------------------------------------------------------------------------- loss scaling
+@pytest.mark.parametrize(
+    "kwargs", [{}, {"every": 2}, {"method": "worst-case", "h": 1e-2}, {"method": "worst-case", "bits": 4}]
+)
+def test_a_scaled_loss_scales_the_penalty_and_its_gradient_alike(kwargs):
+    """The l1 penalty is positively homogeneous in the loss: for ``S * L`` it is ``S * R`` with gradient
+    ``S * dR`` (a power-of-two ``S`` keeps every float the same up to that factor), so a GradScaler works
+    as for a plain loss: pass ``scaler.scale(loss)`` (and a closure returning the scaled loss), unscale
+    before the step, and the gradients are those of ``L + R``."""
+    model, x, y = make_residual(F.relu)
+    scaled = copy.deepcopy(model)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**12)
+    penalties = L1GradPenalty(model, **kwargs), L1GradPenalty(scaled, **kwargs)
+    for _ in range(2):  # every=2: a penalized and a plain call
+        model.zero_grad()
+        scaled.zero_grad()
+        stats = penalties[0].backward(F.cross_entropy(model(x), y), lambda: F.cross_entropy(model(x), y))
+        stats_scaled = penalties[1].backward(
+            scaler.scale(F.cross_entropy(scaled(x), y)), lambda: scaler.scale(F.cross_entropy(scaled(x), y))
+        )
+        for key in ("loss", "penalty", "weight_l1", "activation_l1"):
+            assert stats_scaled[key] == pytest.approx(2.0**12 * stats[key], rel=1e-12), key
+        optimizer = torch.optim.SGD(scaled.parameters(), lr=0.0)
+        scaler.unscale_(optimizer)  # divides .grad by the scale, as before optimizer.step()
+        scaler.update()
+        for (name, p), q in zip(model.named_parameters(), scaled.parameters()):
+            torch.testing.assert_close(q.grad, p.grad, rtol=1e-12, atol=0.0, msg=name)
