@@ -30,9 +30,12 @@ from qgrad.reference import batch_norm_backward_ref, batch_norm_double_backward_
 
 F64 = torch.float64
 INTERPRETER_BF16 = "the Triton interpreter converts float32 to bfloat16 by truncation (GPUs round to nearest even)"
-# (2, 3, 5, 4) and (64, 2, 160) take the kernel's per-channel segment loops (the latter folds its float sums
-# mid-channel), the others its column blocks ((130, 3): more rows than one fold, (3, 4500): two blocks)
-SHAPES = [(3, 5, 7, 2), (4, 6), (2, 3, 9), (1, 4, 3, 3), (2, 3, 5, 4), (130, 3), (3, 4500), (64, 2, 160)]
+# The C++ kernel's task shapes: (2, 3, 5, 4) and (64, 2, 160) take its per-channel segment loops (the latter
+# folds its float sums mid-channel); (3, 5, 7, 2), (2, 3, 9), (1, 4, 3, 3) its column blocks; the (N, C) ones
+# its row tasks ((130, 3): more rows than one fold, (1100, 3): three row chunks, (3, 4500): nine column blocks)
+SHAPES = [
+    (3, 5, 7, 2), (4, 6), (2, 3, 9), (1, 4, 3, 3), (2, 3, 5, 4), (130, 3), (1100, 3), (3, 4500), (64, 2, 160)
+]
 
 
 @pytest.fixture(params=["cpp", "triton", "torch"])
@@ -119,6 +122,47 @@ def test_functional_non_contiguous_and_channels_last(double_backward):
             _assert_close(ours[0], ref[0], 1e-12, 1e-12, "output")
             for a, e in zip(ours[3] + ours[4], ref[3] + ref[4]):
                 _assert_close(a, e, 1e-10, 1e-10, "gradient")
+
+
+@pytest.mark.parametrize("shape", [(6, 5, 8, 4), (5, 20, 11, 12), (3, 18, 4, 2, 5)])
+@pytest.mark.parametrize("training", [True, False])
+def test_channels_last_double_backward_runs_on_views_and_keeps_the_layout(
+    shape, training, double_backward, monkeypatch
+):
+    """x, dy and the incoming gradient all channels-last: the kernels get their (M, C) views (no copies) and
+    the second derivatives come back channels-last, equal to those of the contiguous layout. (5, 20, 11, 12):
+    660 rows (two row chunks of the C++ kernel) of 20 channels (a register group of 16 and 4 single ones)."""
+    from qgrad import kernels
+    from qgrad.ops import dispatch
+
+    layout = torch.channels_last if len(shape) == 4 else torch.channels_last_3d
+    seen = []
+
+    def spy(real):
+        return lambda *args: seen.append(tuple(args[4].shape)) or real(*args)
+
+    if double_backward == "triton":
+        monkeypatch.setattr(kernels, "batch_norm_double_backward", spy(kernels.batch_norm_double_backward))
+    elif double_backward == "cpp":
+        kernel = dispatch.cpu_kernel("batch_norm_double_backward")
+        monkeypatch.setitem(dispatch._CPU_KERNELS, "batch_norm_double_backward", (spy(kernel), ""))
+    x, w, b, rm, rv = _inputs(shape, affine=True)
+    gen = torch.Generator().manual_seed(5)
+    dy, ggx = (torch.randn(shape, generator=gen, dtype=F64) for _ in range(2))
+    results = []
+    for fmt in (torch.contiguous_format, layout):
+        leaves = [t.contiguous(memory_format=fmt).requires_grad_() for t in (x, dy)] + [w.clone().requires_grad_()]
+        y = batch_norm(leaves[0], rm.clone(), rv.clone(), leaves[2], b, training=training)
+        dx = torch.autograd.grad(y, leaves[0], leaves[1], create_graph=True)[0]
+        results.append(torch.autograd.grad(dx, leaves, ggx.contiguous(memory_format=fmt), allow_unused=True))
+    for name, a, e in zip(("d_x", "d_dy", "d_w"), results[1], results[0]):
+        _assert_close(a, e, 1e-12, 1e-12, name)
+    if double_backward != "torch":
+        rows = math.prod(shape) // shape[1]
+        assert seen == [tuple(shape), (rows, shape[1])]  # the contiguous run, then the channels-last one
+        # (in eval mode d_x is zero, returned as None)
+        assert all(t is None or t.is_contiguous(memory_format=layout) for t in results[1][:2])
+        assert results[1][1].is_contiguous(memory_format=layout)
 
 
 @pytest.mark.parametrize("training", [True, False])

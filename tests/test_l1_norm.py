@@ -253,6 +253,51 @@ def test_add_scaled_sign_other_layouts_and_dtypes():
     assert torch.equal(add_scaled_sign(sign, 0.5, zero), 0.5 * sign.float())
 
 
+@pytest.mark.parametrize("layout", ["channels_last", "transposed"])
+def test_dense_layouts_run_on_views_and_keep_their_strides(layout, implementation, monkeypatch):
+    """A gradient stored densely in another layout (channels-last, a transpose) is reduced and seeded without a
+    copy: the kernels get contiguous views of its memory, and signs, seeds and sums keep its strides."""
+    from qgrad import kernels
+    from qgrad.ops import dispatch
+
+    received = []
+
+    def spy(real):
+        def run(*args):
+            received.extend(t for a in args for t in (a if isinstance(a, list) else [a]) if isinstance(t, torch.Tensor))
+            return real(*args)
+
+        return run
+
+    for name in ("l1_norm_sign", "add_scaled_sign"):
+        monkeypatch.setattr(kernels, name, spy(getattr(kernels, name)))
+        kernel = dispatch.cpu_kernel(name)
+        if kernel is not None:
+            monkeypatch.setitem(dispatch._CPU_KERNELS, name, (spy(kernel), ""))
+    g = torch.Generator().manual_seed(4)
+    if layout == "channels_last":
+        t = torch.randn(4, 6, 5, 3, generator=g, dtype=torch.float64).contiguous(memory_format=torch.channels_last)
+    else:
+        t = torch.randn(4, 3, 5, 6, generator=g, dtype=torch.float64).transpose(1, 3)
+    t[:, ::2] = 0.0
+    assert not t.is_contiguous()
+    x = torch.randn(t.shape, generator=g, dtype=torch.float64).as_strided(t.shape, t.stride())
+    leaf = t.clone().requires_grad_()  # clone keeps the strides of a dense tensor
+    assert leaf.stride() == t.stride()
+
+    norms, signs = l1_norm_sign([t], keep_sign=True)
+    torch.testing.assert_close(norms[0], t.abs().sum(), rtol=1e-13, atol=0)
+    assert signs[0].stride() == t.stride() and torch.equal(signs[0], torch.sign(t).to(torch.int8))
+    (seed,) = torch.autograd.grad(multi_l1_norm([leaf]).sum() * 0.5, leaf)
+    assert seed.stride() == t.stride() and torch.equal(seed, 0.5 * torch.sign(t))
+    for xx in (x, None):
+        out = add_scaled_sign(signs[0], 0.25, xx, dtype=torch.float64)
+        assert out.stride() == t.stride()
+        assert torch.equal(out, add_scaled_sign_ref(signs[0], 0.25, xx, torch.float64))
+    if implementation != "torch":
+        assert received and all(r.is_contiguous() for r in received)
+
+
 def test_add_scaled_sign_is_differentiable_in_x():
     sign = make_sign((3, 4, 5))
     x = torch.randn(3, 4, 5, dtype=torch.float64, requires_grad=True)

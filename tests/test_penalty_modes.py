@@ -631,3 +631,26 @@ def test_a_scaled_loss_scales_the_penalty_and_its_gradient_alike(kwargs):
         scaler.update()
         for (name, p), q in zip(model.named_parameters(), scaled.parameters()):
             torch.testing.assert_close(q.grad, p.grad, rtol=1e-12, atol=0.0, msg=name)
+
+
+# ----------------------------------------------------------------------------------------------- layouts
+@pytest.mark.parametrize("method", ["exact", "worst-case"])
+def test_a_channels_last_model_gets_the_gradients_of_the_contiguous_one(method):
+    """The fused kernels run channels-last tensors on views of their memory (no copies, results in the same
+    layout); the step's gradients are those of the same model in the contiguous layout."""
+    torch.manual_seed(0)
+    model = qgrad.models.get("resnet18", num_classes=5, width=0.0625).double().train()
+    last = copy.deepcopy(model).to(memory_format=torch.channels_last)
+    g = torch.Generator().manual_seed(1)
+    x, y = torch.randn(4, 3, 8, 8, generator=g, dtype=torch.float64), torch.randint(0, 5, (4,), generator=g)
+    grads = []
+    for net, inputs in ((model, x), (last, x.contiguous(memory_format=torch.channels_last))):
+        penalty = L1GradPenalty(net, method=method, **({"h": 1e-2} if method == "worst-case" else {}))
+        grads.append(step_grads(net, lambda: F.cross_entropy(net(inputs), y), lambda loss: penalty.backward(
+            loss, lambda: F.cross_entropy(net(inputs), y))))
+        penalty.remove()
+    conv = last.layer1[0].conv1.weight
+    assert conv.is_contiguous(memory_format=torch.channels_last) and conv.grad.stride() == conv.stride()
+    # float64; the two layouts run the convolutions' sums in different orders
+    for (name, _), a, b in zip(model.named_parameters(), grads[1], grads[0]):
+        assert rel_err(a, b) <= 1e-9, (name, rel_err(a, b))

@@ -9,14 +9,16 @@
 //        d_dy = a1 * ggx + b1 * xc + c1
 //        d_x  = a2 * ggx + b2 * xc + d2 * dy + c2
 //      (eval mode is the same with the coefficients of constant statistics).
-// A task owns whole channels and runs both passes on them, so pass 2 finds the channel's data in cache when it
-// fits there. x is a contiguous (N, C, S) array; two task shapes:
+// x is a contiguous (N, C, S) array; three task shapes (in the first two a task owns whole channels and runs both
+// passes on them, so pass 2 finds the channel's data in cache when it fits there):
 //   * segments (S >= kSmallInner): one channel per task; the innermost loops run over a contiguous segment of S
 //     elements, with sums kept in kLanes independent float lanes folded into double every kFoldElems elements;
-//   * columns (S < kSmallInner, e.g. (N, C) inputs): a task is a block of channels, i.e. a contiguous span of
-//     columns of each row, with per-column float sums folded into double every kFoldRows rows.
-// Task boundaries depend on the shape only, and each channel is reduced by one task in a fixed order, so the
-// results are identical for any number of threads. float64 inputs accumulate in double.
+//   * columns (1 < S < kSmallInner): a task is a block of channels, i.e. a contiguous span of columns of each
+//     row, with per-column float sums folded into double every kFoldRows rows;
+//   * rows (S = 1: (N, C) inputs, and channels-last tensors passed as their (N * H * W, C) view): tasks are
+//     chunks of rows times blocks of channels; see run_rows.
+// Task boundaries depend on the shape only, and each channel is reduced in a fixed order, so the results are
+// identical for any number of threads. float64 inputs accumulate in double.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 
@@ -36,6 +38,8 @@ constexpr int64_t kColumnSpan = 4096;  // columns (channels x S) per column task
 constexpr int64_t kFoldRows = 64;      // rows summed in float before folding into double (column tasks)
 constexpr int64_t kFoldElems = 8192;   // elements summed in float lanes before folding into double (segments)
 constexpr int kLanes = 16;             // independent accumulators of a segment
+constexpr int64_t kRowChunk = 512;     // rows per row task
+constexpr int64_t kRowBlockCols = 512; // channels per row task
 
 // Per-channel sums of pass 1, in the order of the header comment.
 enum { kG = 0, kGX, kGDY, kDY, kDYX, kNumSums };
@@ -182,6 +186,144 @@ struct Shape {
   int64_t n, c, s;
 };
 
+// Pass 1 of the row tasks over rows [r0, r1) (at most kFoldRows) of columns [c0, c0 + W): the five sums per
+// column, in float registers, added into the double sums s[k * C + c] of this row chunk at the end.
+template <typename T, bool HasG, int W>
+void sums_tile(const Data<T>& p, int64_t cols, int64_t r0, int64_t r1, int64_t c0,
+               const typename OpMath<T>::type* __restrict__ mu, double* __restrict__ s) {
+  using A = typename OpMath<T>::type;
+  A acc[kNumSums][W] = {};
+  A m[W];
+  for (int j = 0; j < W; ++j) m[j] = mu[c0 + j];
+  for (int64_t r = r0; r < r1; ++r) {
+    const T* __restrict__ xr = p.x + r * cols + c0;
+    const T* __restrict__ dr = p.dy + r * cols + c0;
+    const T* __restrict__ gr = HasG ? p.ggx + r * cols + c0 : nullptr;
+    for (int j = 0; j < W; ++j) {
+      const A xc = static_cast<A>(xr[j]) - m[j];
+      const A d = static_cast<A>(dr[j]);
+      acc[kDY][j] += d;
+      acc[kDYX][j] += d * xc;
+      if (HasG) {
+        const A g = static_cast<A>(gr[j]);
+        acc[kG][j] += g;
+        acc[kGX][j] += g * xc;
+        acc[kGDY][j] += g * d;
+      }
+    }
+  }
+  for (int k = 0; k < kNumSums; ++k) {
+    for (int j = 0; j < W; ++j) s[k * cols + c0 + j] += static_cast<double>(acc[k][j]);
+  }
+}
+
+// Pass 2 of the row tasks over rows [r0, r1) of columns [c0, c0 + W), the columns' coefficients held in
+// registers (kc: the seven coefficient rows of length C, in the order of Coef).
+template <typename T, bool HasG, int W, bool WantDy, bool WantX>
+void write_tile(const Data<T>& p, int64_t cols, int64_t r0, int64_t r1, int64_t c0,
+                const typename OpMath<T>::type* __restrict__ mu, const typename OpMath<T>::type* __restrict__ kc) {
+  using A = typename OpMath<T>::type;
+  A m[W], a1[W], b1[W], c1[W], a2[W], b2[W], c2[W], d2[W];
+  for (int j = 0; j < W; ++j) {
+    m[j] = mu[c0 + j];
+    a1[j] = kc[0 * cols + c0 + j], b1[j] = kc[1 * cols + c0 + j], c1[j] = kc[2 * cols + c0 + j];
+    a2[j] = kc[3 * cols + c0 + j], b2[j] = kc[4 * cols + c0 + j], c2[j] = kc[5 * cols + c0 + j];
+    d2[j] = kc[6 * cols + c0 + j];
+  }
+  for (int64_t r = r0; r < r1; ++r) {
+    const int64_t off = r * cols + c0;
+    const T* __restrict__ xr = p.x + off;
+    const T* __restrict__ dr = p.dy + off;
+    const T* __restrict__ gr = HasG ? p.ggx + off : nullptr;
+    T* __restrict__ out_dy = WantDy ? p.d_dy + off : nullptr;
+    T* __restrict__ out_x = WantX ? p.d_x + off : nullptr;
+    for (int j = 0; j < W; ++j) {
+      const A xc = static_cast<A>(xr[j]) - m[j];
+      const A g = HasG ? static_cast<A>(gr[j]) : A(0);
+      if (WantDy) out_dy[j] = static_cast<T>(a1[j] * g + b1[j] * xc + c1[j]);
+      if (WantX) out_x[j] = static_cast<T>(a2[j] * g + b2[j] * xc + d2[j] * static_cast<A>(dr[j]) + c2[j]);
+    }
+  }
+}
+
+// Pass 1 over rows [r0, r1) of columns [c0, c1): kFoldRows rows at a time (they stay in cache while their
+// columns are visited: kLanes at a time in registers, the rest one by one), each block's float sums folded
+// into the double sums s[k * C + c] of this row chunk.
+template <typename T, bool HasG>
+void sums_rows(const Data<T>& p, int64_t cols, int64_t r0, int64_t r1, int64_t c0, int64_t c1,
+               const typename OpMath<T>::type* mu, double* s) {
+  for (int64_t f0 = r0; f0 < r1; f0 += kFoldRows) {
+    const int64_t f1 = std::min(r1, f0 + kFoldRows);
+    int64_t c = c0;
+    for (; c + kLanes <= c1; c += kLanes) sums_tile<T, HasG, kLanes>(p, cols, f0, f1, c, mu, s);
+    for (; c < c1; ++c) sums_tile<T, HasG, 1>(p, cols, f0, f1, c, mu, s);
+  }
+}
+
+// Pass 2 over rows [r0, r1), all columns, blocked like pass 1.
+template <typename T, bool HasG, bool WantDy, bool WantX>
+void write_rows(const Data<T>& p, int64_t cols, int64_t r0, int64_t r1, const typename OpMath<T>::type* mu,
+                const typename OpMath<T>::type* kc) {
+  for (int64_t f0 = r0; f0 < r1; f0 += kFoldRows) {
+    const int64_t f1 = std::min(r1, f0 + kFoldRows);
+    int64_t c = 0;
+    for (; c + kLanes <= cols; c += kLanes) write_tile<T, HasG, kLanes, WantDy, WantX>(p, cols, f0, f1, c, mu, kc);
+    for (; c < cols; ++c) write_tile<T, HasG, 1, WantDy, WantX>(p, cols, f0, f1, c, mu, kc);
+  }
+}
+
+// Row tasks, for (M, C) arrays (S = 1): (N, C) inputs, and channels-last tensors, which the caller passes as
+// their (N * H * W, C) view. A task is a chunk of kRowChunk rows times a block of kRowBlockCols channels (the
+// inner loops run along a row, over the block's channels, which are contiguous). Pass 1 leaves per-chunk sums,
+// added per channel in chunk order; pass 2 then writes the chunks in parallel. Chunks and blocks depend on the
+// shape only, so the results do not depend on the number of threads.
+template <typename T, bool HasG>
+void run_rows(const Data<T>& p, const Shape& sh, const std::vector<Channel>& ch, bool training, bool pass1,
+              double* d_w) {
+  using A = typename OpMath<T>::type;
+  const int64_t rows = sh.n, cols = sh.c;
+  const int64_t chunks = (rows + kRowChunk - 1) / kRowChunk;
+  const int64_t blocks = (cols + kRowBlockCols - 1) / kRowBlockCols;
+  std::vector<A> mu(cols);
+  for (int64_t c = 0; c < cols; ++c) mu[c] = static_cast<A>(ch[c].mean);
+  std::vector<double> part(pass1 ? chunks * kNumSums * cols : 0, 0.0);
+  if (pass1) {
+    at::parallel_for(0, chunks * blocks, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t t = begin; t < end; ++t) {
+        const int64_t chunk = t / blocks, c0 = (t % blocks) * kRowBlockCols;
+        const int64_t c1 = std::min(cols, c0 + kRowBlockCols);
+        sums_rows<T, HasG>(p, cols, chunk * kRowChunk, std::min(rows, (chunk + 1) * kRowChunk), c0, c1, mu.data(),
+                           part.data() + chunk * kNumSums * cols);
+      }
+    });
+  }
+  std::vector<A> kc(7 * cols);
+  for (int64_t c = 0; c < cols; ++c) {
+    double s[kNumSums] = {};
+    for (int64_t chunk = 0; chunk < (pass1 ? chunks : 0); ++chunk) {
+      for (int k = 0; k < kNumSums; ++k) s[k] += part[(chunk * kNumSums + k) * cols + c];
+    }
+    double dw = 0.0;
+    const Coef k = coefficients(ch[c], s, rows, training, HasG, dw);
+    d_w[c] = dw;
+    const double kv[7] = {k.a1, k.b1, k.c1, k.a2, k.b2, k.c2, k.d2};
+    for (int i = 0; i < 7; ++i) kc[i * cols + c] = static_cast<A>(kv[i]);
+  }
+  if (p.d_dy == nullptr && p.d_x == nullptr) return;
+  at::parallel_for(0, chunks, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t chunk = begin; chunk < end; ++chunk) {
+      const int64_t r0 = chunk * kRowChunk, r1 = std::min(rows, r0 + kRowChunk);
+      if (p.d_dy != nullptr && p.d_x != nullptr) {
+        write_rows<T, HasG, true, true>(p, cols, r0, r1, mu.data(), kc.data());
+      } else if (p.d_dy != nullptr) {
+        write_rows<T, HasG, true, false>(p, cols, r0, r1, mu.data(), kc.data());
+      } else {
+        write_rows<T, HasG, false, true>(p, cols, r0, r1, mu.data(), kc.data());
+      }
+    }
+  });
+}
+
 template <typename T, bool HasG>
 void run(const Data<T>& p, const Shape& sh, const std::vector<Channel>& ch, bool training, bool need_sums,
          double* d_w) {
@@ -191,6 +333,10 @@ void run(const Data<T>& p, const Shape& sh, const std::vector<Channel>& ch, bool
   // Eval mode needs sum(ggx * dy) for d_w only; training mode always needs the sums.
   const bool pass1 = training ? true : (HasG && need_sums);
 
+  if (sh.s == 1) {
+    run_rows<T, HasG>(p, sh, ch, training, pass1, d_w);
+    return;
+  }
   if (sh.s >= kSmallInner) {
     at::parallel_for(0, sh.c, 1, [&](int64_t begin, int64_t end) {
       for (int64_t c = begin; c < end; ++c) {

@@ -24,6 +24,10 @@ The chain, top to bottom:
   ``torch.nn.functional.batch_norm``);
 * :func:`qgrad.reference.batch_norm_double_backward_ref`, the formulas written out with plain ops.
 
+Layouts: when ``x``, ``dy`` and the incoming gradient are all channels-last (channels innermost in memory),
+both kernels run on their ``(M, C)`` views, as on ``(N, C)`` inputs, and the results keep that layout; other
+non-contiguous layouts are copied to contiguous first (see :mod:`qgrad.ops.layout`).
+
 Higher derivatives: when the double backward itself runs under ``create_graph=True``, it evaluates the same
 closed forms through :func:`qgrad.reference.batch_norm_double_backward_ref` (plain differentiable ops, batch
 statistics recomputed from ``x``), so third and higher derivatives are exact too, only not fused.
@@ -36,6 +40,7 @@ from typing import Optional, Tuple
 import torch
 
 from qgrad.ops.dispatch import cpu_kernel, triton_kernel
+from qgrad.ops.layout import channels_last_rows, from_channels_last_rows
 from qgrad.reference import batch_norm_double_backward_ref, compute_dtype
 
 __all__ = ["batch_norm", "BatchNormFn", "BatchNormBackwardFn"]
@@ -151,6 +156,21 @@ def _double_backward_torch(
     )
 
 
+def _run_kernel(kernel, args):
+    """``kernel(*args)`` (arguments of ``qgrad._C.batch_norm_double_backward``), on the ``(M, C)`` views of
+    ``x``, ``dy`` and ``ggx`` when all three are stored channels innermost (channels-last): the kernels take
+    ``(M, C)`` inputs as they are, so nothing is copied, and ``d_dy`` / ``d_x`` come back in ``x``'s layout.
+    Other layouts are handed over unchanged (the kernels copy them to contiguous)."""
+    ggx, ggw, ggb, dy, x = args[:5]
+    rows = channels_last_rows(x)
+    if rows is None or dy.stride() != x.stride() or (ggx is not None and ggx.stride() != x.stride()):
+        return kernel(*args)
+    as_rows = None if ggx is None else channels_last_rows(ggx)
+    d_dy, d_x, d_w = kernel(as_rows, ggw, ggb, channels_last_rows(dy), rows, *args[5:])
+    back = [None if t is None else from_channels_last_rows(t, x) for t in (d_dy, d_x)]
+    return back[0], back[1], d_w
+
+
 # --------------------------------------------------------------------------------------------- autograd nodes
 class BatchNormBackwardFn(torch.autograd.Function):
     """The backward of BatchNorm as an autograd node: ``(dy, x, weight) -> (dx, dweight, dbias)``.
@@ -232,8 +252,8 @@ class BatchNormBackwardFn(torch.autograd.Function):
             if kernel is None and x.device.type == "cpu":
                 kernel = cpu_kernel("batch_norm_double_backward")
             if kernel is not None and same_dtype:
-                d_dy, d_x, d_w = kernel(
-                    ggx, ggw, ggb, dy, x, weight, mean, invstd, *ctx.sums, training, *need
+                d_dy, d_x, d_w = _run_kernel(
+                    kernel, (ggx, ggw, ggb, dy, x, weight, mean, invstd, *ctx.sums, training, *need)
                 )
                 if d_w is not None:  # float64 from either kernel
                     d_w = d_w.to(weight.dtype if weight is not None else cdt)

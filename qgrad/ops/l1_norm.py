@@ -47,6 +47,7 @@ from typing import List, Optional, Sequence, Tuple
 import torch
 
 from qgrad.ops.dispatch import cpu_kernel, triton_kernel
+from qgrad.ops.layout import dense_order, inverse_order
 
 __all__ = [
     "add_scaled_sign",
@@ -104,17 +105,25 @@ def l1_norm_sign(
 
     ``norms``: ``(len(tensors),)`` in :func:`_result_dtype` of the list, ``norms[i] = sum(|tensors[i]|)``
     (half-precision summed in float32 or better); ``signs``: ``sign(tensors[i])`` as int8 (0 for 0 and NaN)
-    with ``tensors[i]``'s shape, or None without ``keep_sign``. The C++ kernel sums in double, the Triton
+    with ``tensors[i]``'s shape (and strides, when it is dense: contiguous, channels-last, ...), or None
+    without ``keep_sign``. The C++ kernel sums in double, the Triton
     kernel in blocks of the result dtype, the PyTorch path in the result dtype: they agree to its rounding.
     """
     dtype = _result_dtype(tensors)
     with torch.no_grad():
         launcher = triton_kernel("l1_norm_sign", tensors[0].device)
-        if launcher is not None:
-            return launcher(tensors, keep_sign, dtype)
-        kernel = cpu_kernel("l1_norm_sign") if tensors[0].device.type == "cpu" else None
-        if kernel is not None:
-            norms, signs = kernel(list(tensors), keep_sign)
+        kernel = cpu_kernel("l1_norm_sign") if launcher is None and tensors[0].device.type == "cpu" else None
+        if launcher is not None or kernel is not None:
+            # dense tensors in another layout (channels-last) go in as contiguous views of their memory, and
+            # their signs come back in their layout
+            orders = [dense_order(t) for t in tensors]
+            views = [t if o is None else t.permute(o) for t, o in zip(tensors, orders)]
+            if launcher is not None:
+                norms, signs = launcher(views, keep_sign, dtype)
+            else:
+                norms, signs = kernel(views, keep_sign)
+            if keep_sign:
+                signs = [s if o is None else s.permute(inverse_order(o)) for s, o in zip(signs, orders)]
             return norms.to(dtype), (signs if keep_sign else None)
         norms = torch.stack([t.abs().sum(dtype=dtype) for t in tensors])
         # sign() keeps NaN, which int8 cannot hold: zero it so that both paths agree
@@ -142,7 +151,8 @@ def add_scaled_sign(
         a new tensor of ``sign``'s shape in ``dtype``: ``x + scale * sign`` computed in float32 (float64 for
         float64), where ``scale * sign`` is exact, and converted to ``dtype`` (for float32 and float64 the
         correctly rounded sum), bit for bit the same on every backend. Kernels: Triton on CUDA tensors, C++ on
-        CPU tensors (contiguous ``x`` of ``dtype``); otherwise :func:`add_scaled_sign_ref`. Differentiable
+        CPU tensors (``x`` of ``dtype`` laid out like ``sign``); otherwise :func:`add_scaled_sign_ref`. A
+        ``sign`` stored densely (contiguous, channels-last, ...) gives a result with its strides. Differentiable
         w.r.t. ``x`` (the identity) when ``x`` requires grad; ``sign`` and ``scale`` are constants.
     """
     if not isinstance(sign, torch.Tensor) or sign.dtype != torch.int8:
@@ -170,18 +180,30 @@ def add_scaled_sign(
 
 
 def _add_scaled_sign(sign, scale, x, dtype):
-    plain_x = x is None or (x.dtype == dtype and x.is_contiguous())
+    # The kernels read contiguous arrays (copying other layouts) and write a contiguous result. A sign (and
+    # an x of the same strides) stored densely in another layout, channels-last say, goes in as contiguous
+    # views of its memory, and the result is permuted back into that layout.
+    same_layout = x is None or x.stride() == sign.stride() or (x.is_contiguous() and sign.is_contiguous())
+    use_kernel = same_layout and (x is None or x.dtype == dtype)
+    order = dense_order(sign) if use_kernel else None
+    s, v = sign, x
+    if order is not None:
+        s = sign.permute(order)
+        v = None if x is None else x.permute(order)
+    out = None
     with torch.no_grad():
-        launcher = triton_kernel("add_scaled_sign", sign.device)
-        if launcher is not None and plain_x:
+        launcher = triton_kernel("add_scaled_sign", sign.device) if use_kernel else None
+        if launcher is not None:
             acc = torch.float64 if dtype == torch.float64 else torch.float32
             if not isinstance(scale, torch.Tensor):
                 scale = torch.full((), scale, dtype=acc, device=sign.device)
-            return launcher(sign, scale, x, dtype)
-        kernel = cpu_kernel("add_scaled_sign") if sign.device.type == "cpu" else None
-        if kernel is not None and plain_x and dtype in _KERNEL_DTYPES:
-            return kernel(sign, float(scale), x, dtype)
-        return add_scaled_sign_ref(sign, scale, x, dtype)
+            out = launcher(s, scale, v, dtype)
+        elif use_kernel and sign.device.type == "cpu" and dtype in _KERNEL_DTYPES:
+            kernel = cpu_kernel("add_scaled_sign")
+            out = None if kernel is None else kernel(s, float(scale), v, dtype)
+        if out is None:
+            return add_scaled_sign_ref(sign, scale, x, dtype)
+    return out if order is None else out.permute(inverse_order(order))
 
 
 class _AddScaledSignFn(torch.autograd.Function):
