@@ -51,8 +51,9 @@ def _autograd_penalty(model):
 
 def _step_fn(mode, args, device):
     torch.manual_seed(0)
-    model = qgrad.models.get(args.model, width=args.width).to(device).train()
-    x = torch.randn(args.batch, 3, 32, 32, device=device)
+    layout = torch.channels_last if args.channels_last else torch.contiguous_format
+    model = qgrad.models.get(args.model, width=args.width).to(device).train().to(memory_format=layout)
+    x = torch.randn(args.batch, 3, 32, 32, device=device).contiguous(memory_format=layout)
     y = torch.randint(0, 10, (args.batch,), device=device)
 
     def loss_fn():
@@ -90,6 +91,7 @@ def main(argv=None):
     parser.add_argument("--top", type=int, default=12)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
+    parser.add_argument("--channels-last", action="store_true", help="model and input in channels-last layout")
     parser.add_argument("--modes", nargs="+", default=["plain", "exact_autograd", "exact_qgrad"],
                         choices=["plain", "exact_autograd", "exact_qgrad", "every4", "worst_case"])
     args = parser.parse_args(argv)
@@ -97,7 +99,8 @@ def main(argv=None):
     cuda = device.type == "cuda"
     torch.set_num_threads(args.threads)
     where = torch.cuda.get_device_name(device) if cuda else f"{args.threads} thread(s)"
-    print(f"torch {torch.__version__}, {args.model} width {args.width}, batch {args.batch}, {where}, "
+    layout = ", channels-last" if args.channels_last else ""
+    print(f"torch {torch.__version__}, {args.model}{layout} width {args.width}, batch {args.batch}, {where}, "
           f"{args.steps} profiled steps; times are per step\n")
     totals = {}
     for mode in ["plain"] + [m for m in args.modes if m != "plain"]:

@@ -8,6 +8,7 @@
 #   build          pip install -e . with the CUDA extension (TORCH_CUDA_ARCH_LIST defaults to 9.0)
 #   tests          python -m pytest tests, on QGRAD_TEST_WORKERS pytest-xdist workers
 #   bench          benchmarks/test_penalty_step.py -> gpu_penalty_step.json
+#   bench_cl       the same with channels-last models and inputs -> gpu_penalty_step_channels_last.json
 #   bench_kernels  the fake-quantization and BatchNorm benchmarks -> gpu_kernels.json
 #   profile        benchmarks/profile_penalty_step.py for both models at batch 128, ResNet-18 at batch 512
 #                  -> profile_<model>_b<batch>.md
@@ -64,6 +65,11 @@ for stage in $stages; do
     bench)
         run bench "${QGRAD_BENCH_LIMIT:-300}" python -m pytest benchmarks/test_penalty_step.py \
             --benchmark-only --benchmark-json "$out/gpu_penalty_step.json" -q
+        ;;
+    bench_cl)
+        QGRAD_BENCH_LAYOUT=channels_last run bench_cl "${QGRAD_BENCH_LIMIT:-300}" python -m pytest \
+            benchmarks/test_penalty_step.py --benchmark-only \
+            --benchmark-json "$out/gpu_penalty_step_channels_last.json" -q
         ;;
     bench_kernels)
         select=()  # QGRAD_BENCH_KERNELS_K: a pytest -k expression, e.g. "not torch_compile"

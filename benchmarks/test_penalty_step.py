@@ -32,6 +32,7 @@ peak memory with its ratio to the plain step's:
 
     pytest benchmarks/test_penalty_step.py --benchmark-only
     QGRAD_BENCH_THREADS=1 pytest benchmarks/test_penalty_step.py --benchmark-only   # torch threads
+    QGRAD_BENCH_LAYOUT=channels_last pytest benchmarks/test_penalty_step.py --benchmark-only  # model and data
     python benchmarks/test_penalty_step.py --peak-rss resnet18 exact_qgrad    # one CPU memory measurement
 """
 import json
@@ -53,6 +54,10 @@ from qgrad.penalties import L1GradPenalty
 if os.environ.get("QGRAD_BENCH_THREADS"):  # e.g. 1 on a shared machine, where threads wait for each other
     torch.set_num_threads(int(os.environ["QGRAD_BENCH_THREADS"]))
 CUDA = torch.cuda.is_available()
+LAYOUT = os.environ.get("QGRAD_BENCH_LAYOUT", "contiguous")  # or channels_last, for the model and its input
+if LAYOUT not in ("contiguous", "channels_last"):
+    raise ValueError(f"QGRAD_BENCH_LAYOUT must be contiguous or channels_last, got {LAYOUT!r}")
+FORMAT = torch.channels_last if LAYOUT == "channels_last" else torch.contiguous_format
 DEVICE = torch.device("cuda" if CUDA else "cpu")
 WIDTH, BATCH = (1.0, 128) if CUDA else (0.25, 32)
 MODELS = ["vgg_like", "resnet18"]
@@ -100,7 +105,8 @@ class _AutogradPenalty:
 def _setup(name, mode, dtype):
     torch.manual_seed(0)
     model = qgrad.models.get(name, num_classes=10, width=WIDTH, in_channels=3).to(DEVICE).train()
-    x = torch.randn(BATCH, 3, 32, 32, device=DEVICE)
+    model = model.to(memory_format=FORMAT)
+    x = torch.randn(BATCH, 3, 32, 32, device=DEVICE).contiguous(memory_format=FORMAT)
     y = torch.randint(0, 10, (BATCH,), device=DEVICE)
     opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
 
@@ -146,7 +152,7 @@ def _peak_rss_mb(name, mode):
 
 def _info(benchmark, name, mode, dtype, extra):
     benchmark.extra_info.update(
-        model=name, mode=mode, dtype=dtype, width=WIDTH, batch=BATCH, lam=LAMBDA,
+        model=name, mode=mode, dtype=dtype, width=WIDTH, batch=BATCH, lam=LAMBDA, layout=LAYOUT,
         device=torch.cuda.get_device_name() if CUDA else "cpu", threads=torch.get_num_threads(),
         torch=torch.__version__, triton=triton_version(), **extra,
     )
