@@ -54,6 +54,7 @@ from __future__ import annotations
 import contextlib
 import math
 import numbers
+import sys
 import weakref
 from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 
@@ -384,9 +385,12 @@ class _GradNormPenalty(_Penalty):
         activation: float = 0.05,
         params: Optional[Iterable[torch.Tensor]] = None,
         watch_forward: bool = False,
+        double_backward: bool = True,
     ):
         weight = _check_coefficient("weight", weight)
         activation = _check_coefficient("activation", activation)
+        if double_backward:
+            _check_twice_differentiable(model, type(self).__name__)
         super().__init__(model, params, record=activation > 0, watch_forward=watch_forward)
         self._weight = weight
         self._activation = activation
@@ -520,23 +524,37 @@ def _half_bin(t: torch.Tensor, bits: int, allow_unsigned: bool) -> torch.Tensor:
     return torch.where(t.amin() >= 0, amax / (2**bits - 1), signed) / 2
 
 
-def _check_no_synced_batchnorm(model: nn.Module) -> None:
-    """The exact penalty differentiates BatchNorm's backward. ``nn.SyncBatchNorm`` across processes reduces its
-    statistics with collectives that autograd does not record, so that derivative cannot be taken."""
-    if not isinstance(model, nn.Module) or not (
-        torch.distributed.is_available() and torch.distributed.is_initialized()
-    ):
+def _check_twice_differentiable(model: nn.Module, penalty: str) -> None:
+    """A gradient-norm penalty differentiates the model's backward pass. Two kinds of module cannot be:
+
+    * ``torch.compile``'d ones: AOTAutograd compiles a first-order backward only;
+    * ``nn.SyncBatchNorm`` across processes: its statistics are reduced with collectives that autograd does
+      not record.
+    """
+    if not isinstance(model, nn.Module):  # the base class reports it
         return
+    distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+    # without torch._dynamo imported nothing can have been compiled (importing it here would cost a second)
+    compiled = getattr(sys.modules.get("torch._dynamo.eval_frame"), "OptimizedModule", ())
     for name, m in model.named_modules():
-        if isinstance(m, nn.SyncBatchNorm):
+        where = f"module {name or type(model).__name__!r}"
+        if compiled and isinstance(m, compiled):
+            raise ValueError(
+                f"{where} is compiled with torch.compile, whose backward cannot be differentiated again, as "
+                f"{penalty} must. Give the penalty the uncompiled model (the compiled one's _orig_mod)"
+                + (", or use method='worst-case', which takes no second derivative" if penalty == "L1GradPenalty"
+                   else "")
+            )
+        if distributed and isinstance(m, nn.SyncBatchNorm):
             group = m.process_group or torch.distributed.group.WORLD
             if torch.distributed.get_world_size(group) > 1:
                 raise ValueError(
-                    f"module {name or type(model).__name__!r} is an nn.SyncBatchNorm over "
-                    f"{torch.distributed.get_world_size(group)} processes: its statistics are reduced across "
-                    "processes outside autograd, so method='exact' cannot differentiate its backward. Use "
-                    "per-process BatchNorm (do not convert the model with SyncBatchNorm), or "
-                    "method='worst-case', which takes no second derivative"
+                    f"{where} is an nn.SyncBatchNorm over {torch.distributed.get_world_size(group)} processes: "
+                    f"its statistics are reduced across processes outside autograd, so {penalty} cannot "
+                    "differentiate its backward. Use per-process BatchNorm (do not convert the model with "
+                    "SyncBatchNorm)"
+                    + (", or method='worst-case', which takes no second derivative"
+                       if penalty == "L1GradPenalty" else "")
                 )
 
 
@@ -838,6 +856,11 @@ class L1GradPenalty(_GradNormPenalty):
         ``scaler.scale(loss)`` (and, for ``"worst-case"``, a closure returning the scaled loss); the
         statistics returned are then scaled by ``S``.
 
+    Compiled models
+        The exact method differentiates the backward pass, which a ``torch.compile``'d module cannot have
+        differentiated again: construction raises ``ValueError`` for a model that is or contains one.
+        ``"worst-case"`` accepts it.
+
     Several processes
         With ``DistributedDataParallel``, give the penalty the wrapped model (or the inner one: the hooks are
         on the same layers). Each process penalizes the gradients of its own batch, and every mode ends the
@@ -865,14 +888,14 @@ class L1GradPenalty(_GradNormPenalty):
     ):
         every = _check_every(every)
         method, h, bits = _check_method(method, h, bits)
-        if method == "exact":
-            _check_no_synced_batchnorm(model)
         for name, flag in (("fused_batchnorm", fused_batchnorm), ("fused_conv", fused_conv)):
             if not isinstance(flag, bool):
                 raise TypeError(f"{name} must be True or False, got {flag!r}")
         # the start hook also tells the twins, under every > 1, whether the coming step is penalized
         watch = method == "worst-case" or every > 1
-        super().__init__(model, weight, activation, params, watch_forward=watch)
+        super().__init__(
+            model, weight, activation, params, watch_forward=watch, double_backward=method == "exact"
+        )
         self._every = every
         self._method = method
         self._h = h

@@ -424,6 +424,22 @@ def test_errors():
             p.backward(F.cross_entropy(net(x), y))
 
 
+def test_compiled_models_are_refused_where_the_backward_is_differentiated():
+    """torch.compile's backward cannot be differentiated again (AOTAutograd compiles a first-order one): the
+    double-backward penalties say so at construction, with the fix, and change nothing; the worst-case mode,
+    first-order only, accepts the compiled model."""
+    net = make_net()
+    compiled = torch.compile(net)  # lazy: compiles at its first call, which never comes here
+    holder = nn.Sequential(compiled)
+    before = hook_counts(net)
+    for model in (compiled, holder):
+        for make in (L1GradPenalty, L2GradPenalty):
+            with pytest.raises(ValueError, match="compiled with torch.compile.*uncompiled model"):
+                make(model)
+    assert hook_counts(net) == before
+    L1GradPenalty(compiled, method="worst-case").remove()
+
+
 # -------------------------------------------------------------------------------------------- hooks / copies
 def test_state_dict_unchanged():
     net = make_net()
