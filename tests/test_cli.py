@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import qgrad.data
+import qgrad.training
 from qgrad.cli import main
 from qgrad.cli.sweep import parse_config
 
@@ -69,6 +70,22 @@ def test_train_and_resume(run_dir, capsys):
     assert ckpt["epoch"] == 2 and ckpt["config"]["width"] == 0.0625 and ckpt["config"]["epochs"] == 2
     # the lr of epoch 2 continues the cosine schedule of a 2-epoch run
     assert rows[1]["lr"] == pytest.approx(0.025)
+
+
+def test_train_channels_last_and_a_resume_that_keeps_it(tmp_path, capsys):
+    out = tmp_path / "nhwc"
+    assert main(["train", *TINY, "--epochs", "2", "--stop-after", "1", "--channels-last", "--out", str(out)]) == 0
+    assert main(["train", "--out", str(out), "--resume", "--no-progress"]) == 0
+    config = json.loads((out / "config.json").read_text())
+    assert config["channels_last"] is True
+    rows = _metrics(out)
+    assert [r["epoch"] for r in rows] == [1, 2] and rows[1]["test_acc"] > 0
+    # the weights were trained (and saved) channels-last, and a contiguous model loads them
+    weights = [t for t in torch.load(out / "model.pt", weights_only=True)["model"].values() if t.dim() == 4]
+    assert weights and all(w.is_contiguous(memory_format=torch.channels_last) for w in weights)
+    assert not all(w.is_contiguous() for w in weights)
+    model, _ = qgrad.training.load_model(out)
+    assert all(p.is_contiguous() for p in model.parameters())
 
 
 def test_train_refuses_to_overwrite(run_dir, capsys):

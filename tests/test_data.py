@@ -364,6 +364,16 @@ def test_loader_parts_of_processes_make_up_the_single_process_batches(world_size
             assert torch.equal(torch.cat([piece[i][1] for piece in pieces]), yb)
 
 
+def test_loader_channels_last_batches_hold_the_same_values():
+    x, y = make_data(n=20)
+    kwargs = dict(batch_size=8, shuffle=True, crop_padding=2, flip=True, seed=2)
+    plain = list(DeviceLoader(x, y, **kwargs))
+    last = list(DeviceLoader(x, y, memory_format=torch.channels_last, **kwargs))
+    for (xa, ya), (xb, yb) in zip(plain, last):
+        assert xb.is_contiguous(memory_format=torch.channels_last) and not xb.is_contiguous()
+        assert torch.equal(xa, xb) and torch.equal(ya, yb)
+
+
 @pytest.mark.parametrize(
     "kwargs,match",
     [
@@ -402,6 +412,8 @@ def test_loader_on_cuda_matches_cpu():
         (dict(seed=-3), "seed must be an int"),
         (dict(shuffle=1), "shuffle must be a bool"),
         (dict(flip="yes"), "flip must be a bool"),
+        (dict(memory_format="channels_last"), "memory_format must be torch.contiguous_format"),
+        (dict(memory_format=torch.channels_last_3d), "needs 5-d inputs"),
     ],
 )
 def test_loader_bad_arguments(kwargs, match):

@@ -47,6 +47,7 @@ _OPTIONS = (
         "auto (CUDA when available), cpu, cuda, cuda:N; under torchrun auto/cuda use the GPU of LOCAL_RANK",
     ),
     ("--eval-every", "eval_every", int, "evaluate on the test split every N epochs (and after the last)"),
+    ("--channels-last", "channels_last", bool, "weights and image batches in channels-last (NHWC) memory layout"),
 )
 
 
@@ -79,6 +80,9 @@ def add_parser(sub, parents) -> None:
             extra["choices"] = models.names()
         elif field == "dataset":
             extra["choices"] = data.names()
+        if kind is bool:  # a switch; None when absent, so that --resume keeps the stored setting
+            p.add_argument(flag, dest=field, action="store_true", default=None, help=text)
+            continue
         shown = "" if field in ("weight_decay", "data_root", "init", "bits") else f" (default: {default})"
         p.add_argument(flag, dest=field, type=kind, default=None, help=text + shown, **extra)
     p.add_argument("--out", required=True, metavar="RUN_DIR", help="run directory (created if needed)")

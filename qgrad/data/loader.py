@@ -80,6 +80,8 @@ class DeviceLoader:
             same seed in every process draw the same epochs, so the parts are disjoint and together are
             exactly the batches of a single-process loader. Needs ``batch_size`` divisible by
             ``world_size`` and ``drop_last`` when ``world_size > 1``.
+        memory_format: layout of the input batches, e.g. ``torch.channels_last`` for ``(N, C, H, W)`` inputs
+            of a channels-last model (default: contiguous).
     """
 
     def __init__(
@@ -95,6 +97,7 @@ class DeviceLoader:
         drop_last: bool = False,
         rank: int = 0,
         world_size: int = 1,
+        memory_format: torch.memory_format = torch.contiguous_format,
     ):
         if not isinstance(x, Tensor) or not isinstance(y, Tensor):
             raise TypeError(f"x and y must be tensors, got {type(x).__name__} and {type(y).__name__}")
@@ -126,6 +129,16 @@ class DeviceLoader:
                 f"a loader shared by {world_size} processes needs a batch_size divisible by {world_size} and "
                 f"drop_last=True, got batch_size={batch_size}, drop_last={drop_last}"
             )
+        ranks = {torch.channels_last: 4, torch.channels_last_3d: 5}
+        if memory_format is not torch.contiguous_format and memory_format not in ranks:
+            raise ValueError(
+                "memory_format must be torch.contiguous_format, torch.channels_last or torch.channels_last_3d, "
+                f"got {memory_format!r}"
+            )
+        if memory_format in ranks and x.dim() != ranks[memory_format]:
+            raise ValueError(
+                f"memory_format {memory_format} needs {ranks[memory_format]}-d inputs, got shape {tuple(x.shape)}"
+            )
         device = x.device if device is None else torch.device(device)
         self.x = x.to(device)
         self.y = y.to(device)
@@ -138,6 +151,7 @@ class DeviceLoader:
         self.drop_last = drop_last
         self.rank = rank
         self.world_size = world_size
+        self.memory_format = memory_format
         self._next_epoch = 0
 
     @property
@@ -188,4 +202,4 @@ class DeviceLoader:
                 xb = random_crop_flip(
                     xb, top[start:stop], left[start:stop], flips[start:stop], self.crop_padding
                 )
-            yield xb, yb
+            yield xb.contiguous(memory_format=self.memory_format), yb
