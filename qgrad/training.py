@@ -414,10 +414,12 @@ def _resolve(cfg: TrainConfig, data) -> TrainConfig:
 
 def _check_resume(stored: Dict[str, Any], cfg: TrainConfig, path: Path) -> None:
     current = cfg.to_dict()
+    # a setting added after the run was stored has its default there (how the run was trained)
+    defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
     diffs = [
-        f"{k}: stored {stored.get(k)!r}, now {v!r}"
+        f"{k}: stored {stored.get(k, defaults[k])!r}, now {v!r}"
         for k, v in current.items()
-        if k not in RESUME_MUTABLE and stored.get(k) != v
+        if k not in RESUME_MUTABLE and stored.get(k, defaults[k]) != v
     ]
     if diffs:
         raise TrainingError(

@@ -121,6 +121,19 @@ def test_resume_is_bit_identical_and_drops_stale_metric_lines(runs, tmp_path):
         assert x == y
 
 
+def test_a_run_stored_before_a_setting_existed_resumes_with_its_default(runs, tmp_path):
+    """A checkpoint written before ``channels_last`` existed lacks it; the run was trained with the default,
+    so resuming it with the default is no change of settings."""
+    run_dir = _copy_stopped(runs, tmp_path)
+    state = torch.load(run_dir / "checkpoint.pt", weights_only=True)
+    del state["config"]["channels_last"]
+    torch.save(state, run_dir / "checkpoint.pt")
+    cfg = TrainConfig(**{**runs["config"].to_dict(), "out": str(run_dir)})
+    assert train(cfg, progress=False, resume=True)["finished"]
+    with pytest.raises(TrainingError, match="channels_last: stored False, now True"):
+        train(dataclasses.replace(cfg, channels_last=True, epochs=3), progress=False, resume=True)
+
+
 def test_resume_with_other_settings_or_without_checkpoint_fails(runs, tmp_path):
     run_dir = _copy_stopped(runs, tmp_path)
     before = (run_dir / "checkpoint.pt").read_bytes()
