@@ -124,14 +124,12 @@ def test_functional_non_contiguous_and_channels_last(double_backward):
                 _assert_close(a, e, 1e-10, 1e-10, "gradient")
 
 
-@pytest.mark.parametrize("shape", [(6, 5, 8, 4), (5, 20, 11, 12), (3, 18, 4, 2, 5)])
-@pytest.mark.parametrize("training", [True, False])
-def test_channels_last_double_backward_runs_on_views_and_keeps_the_layout(
-    shape, training, double_backward, monkeypatch
-):
-    """x, dy and the incoming gradient all channels-last: the kernels get their (M, C) views (no copies) and
-    the second derivatives come back channels-last, equal to those of the contiguous layout. (5, 20, 11, 12):
-    660 rows (two row chunks of the C++ kernel) of 20 channels (a register group of 16 and 4 single ones)."""
+CHANNELS_LAST_SHAPES = [(6, 5, 8, 4), (5, 20, 11, 12), (3, 18, 4, 2, 5)]
+
+
+def _check_channels_last(shape, training, implementation, device, monkeypatch):
+    """x, dy and the incoming gradient all channels-last: the kernel gets their (M, C) views (no copies), and
+    the second derivatives come back channels-last, equal to those of the contiguous layout."""
     from qgrad import kernels
     from qgrad.ops import dispatch
 
@@ -141,14 +139,14 @@ def test_channels_last_double_backward_runs_on_views_and_keeps_the_layout(
     def spy(real):
         return lambda *args: seen.append(tuple(args[4].shape)) or real(*args)
 
-    if double_backward == "triton":
+    if implementation == "triton":
         monkeypatch.setattr(kernels, "batch_norm_double_backward", spy(kernels.batch_norm_double_backward))
-    elif double_backward == "cpp":
+    elif implementation == "cpp":
         kernel = dispatch.cpu_kernel("batch_norm_double_backward")
         monkeypatch.setitem(dispatch._CPU_KERNELS, "batch_norm_double_backward", (spy(kernel), ""))
-    x, w, b, rm, rv = _inputs(shape, affine=True)
+    x, w, b, rm, rv = (t.to(device) for t in _inputs(shape, affine=True))
     gen = torch.Generator().manual_seed(5)
-    dy, ggx = (torch.randn(shape, generator=gen, dtype=F64) for _ in range(2))
+    dy, ggx = (torch.randn(shape, generator=gen, dtype=F64).to(device) for _ in range(2))
     results = []
     for fmt in (torch.contiguous_format, layout):
         leaves = [t.contiguous(memory_format=fmt).requires_grad_() for t in (x, dy)] + [w.clone().requires_grad_()]
@@ -157,12 +155,22 @@ def test_channels_last_double_backward_runs_on_views_and_keeps_the_layout(
         results.append(torch.autograd.grad(dx, leaves, ggx.contiguous(memory_format=fmt), allow_unused=True))
     for name, a, e in zip(("d_x", "d_dy", "d_w"), results[1], results[0]):
         _assert_close(a, e, 1e-12, 1e-12, name)
-    if double_backward != "torch":
+    if implementation != "torch":
         rows = math.prod(shape) // shape[1]
         assert seen == [tuple(shape), (rows, shape[1])]  # the contiguous run, then the channels-last one
         # (in eval mode d_x is zero, returned as None)
         assert all(t is None or t.is_contiguous(memory_format=layout) for t in results[1][:2])
         assert results[1][1].is_contiguous(memory_format=layout)
+
+
+@pytest.mark.parametrize("shape", CHANNELS_LAST_SHAPES)
+@pytest.mark.parametrize("training", [True, False])
+def test_channels_last_double_backward_runs_on_views_and_keeps_the_layout(
+    shape, training, double_backward, monkeypatch
+):
+    """(5, 20, 11, 12): 660 rows (two row chunks of the C++ kernel) of 20 channels (a register group of 16
+    and 4 single ones)."""
+    _check_channels_last(shape, training, double_backward, "cpu", monkeypatch)
 
 
 @pytest.mark.parametrize("training", [True, False])
@@ -782,3 +790,12 @@ def test_cuda_double_backward_runs_the_triton_kernel(training, monkeypatch):
     assert ran
     for a, e in zip(ours[3] + ours[4], ref[3] + ref[4]):
         _assert_close(a, e, 1e-10, 1e-10, "gradient")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("shape", CHANNELS_LAST_SHAPES + [(32, 64, 16, 16)])
+@pytest.mark.parametrize("training", [True, False])
+def test_cuda_channels_last_double_backward_runs_the_triton_kernel_on_views(shape, training, monkeypatch):
+    monkeypatch.delenv("QGRAD_BACKEND", raising=False)
+    _check_channels_last(shape, training, "triton", "cuda", monkeypatch)

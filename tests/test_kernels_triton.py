@@ -529,6 +529,37 @@ def test_add_scaled_sign_kernel(dtype):
                 assert torch.equal(out, add_scaled_sign_ref(sign, scale, xx, dtype))
 
 
+def test_ops_hand_channels_last_gradients_to_the_launchers_as_views(monkeypatch):
+    """Through the ops (on the GPU, or here with QGRAD_BACKEND=triton): a channels-last gradient's norm, signs
+    and seeds go to the launchers as contiguous views of its memory and come back in its layout."""
+    from qgrad.ops.l1_norm import add_scaled_sign, add_scaled_sign_ref, multi_l1_norm
+
+    if INTERPRETED:
+        monkeypatch.setenv("QGRAD_BACKEND", "triton")
+    received = []
+
+    def spy(real):
+        def run(*args):
+            received.extend(t for a in args for t in (a if isinstance(a, list) else [a]) if isinstance(t, torch.Tensor))
+            return real(*args)
+
+        return run
+
+    for name in ("l1_norm_sign", "add_scaled_sign"):
+        monkeypatch.setattr(K, name, spy(getattr(K, name)))
+    g = torch.Generator().manual_seed(13)
+    t = torch.randn(4, 24, 5, 7, generator=g).to(DEVICE).contiguous(memory_format=torch.channels_last)
+    leaf = t.clone().requires_grad_()
+    norm = multi_l1_norm([leaf])
+    torch.testing.assert_close(norm[0].double(), t.double().abs().sum(), rtol=1e-6, atol=0)
+    (seed,) = torch.autograd.grad(norm.sum() * 0.5, leaf)
+    assert seed.stride() == t.stride() and torch.equal(seed, 0.5 * torch.sign(t))
+    sign = torch.sign(t).to(torch.int8)
+    out = add_scaled_sign(sign, 0.25, t)
+    assert out.stride() == t.stride() and torch.equal(out, add_scaled_sign_ref(sign, 0.25, t, t.dtype))
+    assert received and all(r.is_contiguous() for r in received)
+
+
 def test_host_integer_helpers_match_triton():
     """The launchers' grid and block arithmetic (``kernels/_host.py``) agrees with Triton's own helpers."""
     import triton
