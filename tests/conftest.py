@@ -34,3 +34,14 @@ def select_cpu_implementation(kernel: str, implementation: str, monkeypatch) -> 
     elif cpu_kernel(kernel) is None:
         pytest.skip(f"qgrad._C is not built with {kernel} (pip install --no-build-isolation .)")
     return implementation
+
+
+def recording_tensor_arguments(received: list, kernel):
+    """``kernel`` wrapped so that each call first appends its tensor arguments (lists flattened) to
+    ``received``: for tests of what the ops hand to a kernel (e.g. contiguous views instead of copies)."""
+
+    def run(*args):
+        received.extend(t for a in args for t in (a if isinstance(a, list) else [a]) if isinstance(t, torch.Tensor))
+        return kernel(*args)
+
+    return run

@@ -12,6 +12,7 @@ import sys
 
 import pytest
 import torch
+from conftest import recording_tensor_arguments
 
 import qgrad.kernels as K
 import qgrad.kernels.fake_quant as FQ
@@ -537,16 +538,8 @@ def test_ops_hand_channels_last_gradients_to_the_launchers_as_views(monkeypatch)
     if INTERPRETED:
         monkeypatch.setenv("QGRAD_BACKEND", "triton")
     received = []
-
-    def spy(real):
-        def run(*args):
-            received.extend(t for a in args for t in (a if isinstance(a, list) else [a]) if isinstance(t, torch.Tensor))
-            return real(*args)
-
-        return run
-
     for name in ("l1_norm_sign", "add_scaled_sign"):
-        monkeypatch.setattr(K, name, spy(getattr(K, name)))
+        monkeypatch.setattr(K, name, recording_tensor_arguments(received, getattr(K, name)))
     g = torch.Generator().manual_seed(13)
     t = torch.randn(4, 24, 5, 7, generator=g).to(DEVICE).contiguous(memory_format=torch.channels_last)
     leaf = t.clone().requires_grad_()

@@ -4,7 +4,7 @@ both implementations (the C++ kernel for CPU tensors and the PyTorch ops), and t
 import pytest
 import torch
 
-from conftest import select_cpu_implementation
+from conftest import recording_tensor_arguments, select_cpu_implementation
 
 from qgrad.ops.l1_norm import (
     MultiL1NormFn,
@@ -261,19 +261,11 @@ def test_dense_layouts_run_on_views_and_keep_their_strides(layout, implementatio
     from qgrad.ops import dispatch
 
     received = []
-
-    def spy(real):
-        def run(*args):
-            received.extend(t for a in args for t in (a if isinstance(a, list) else [a]) if isinstance(t, torch.Tensor))
-            return real(*args)
-
-        return run
-
     for name in ("l1_norm_sign", "add_scaled_sign"):
-        monkeypatch.setattr(kernels, name, spy(getattr(kernels, name)))
+        monkeypatch.setattr(kernels, name, recording_tensor_arguments(received, getattr(kernels, name)))
         kernel = dispatch.cpu_kernel(name)
         if kernel is not None:
-            monkeypatch.setitem(dispatch._CPU_KERNELS, name, (spy(kernel), ""))
+            monkeypatch.setitem(dispatch._CPU_KERNELS, name, (recording_tensor_arguments(received, kernel), ""))
     g = torch.Generator().manual_seed(4)
     if layout == "channels_last":
         t = torch.randn(4, 6, 5, 3, generator=g, dtype=torch.float64).contiguous(memory_format=torch.channels_last)
