@@ -121,8 +121,8 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
 def run(args: argparse.Namespace) -> int:
     config = config_from_args(args)
     result = train(config, progress=not args.no_progress, resume=args.resume, stop_after=args.stop_after)
-    if os.environ.get("RANK", "0") != "0":  # under torchrun the first process reports for all
-        return 0
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and os.environ.get("RANK", "0") != "0":
+        return 0  # under torchrun the first process reports for all
     acc = result.get("test_acc")
     best = result.get("best_test_acc")
     state = "finished" if result["finished"] else f"stopped after epoch {result['epoch']}/{config.epochs}"

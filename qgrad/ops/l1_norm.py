@@ -106,8 +106,8 @@ def l1_norm_sign(
     ``norms``: ``(len(tensors),)`` in :func:`_result_dtype` of the list, ``norms[i] = sum(|tensors[i]|)``
     (half-precision summed in float32 or better); ``signs``: ``sign(tensors[i])`` as int8 (0 for 0 and NaN)
     with ``tensors[i]``'s shape (and strides, when it is dense: contiguous, channels-last, ...), or None
-    without ``keep_sign``. The C++ kernel sums in double, the Triton
-    kernel in blocks of the result dtype, the PyTorch path in the result dtype: they agree to its rounding.
+    without ``keep_sign``. The C++ kernel sums in double, the Triton kernel in blocks of the result dtype, the
+    PyTorch path in the result dtype: they agree to its rounding.
     """
     dtype = _result_dtype(tensors)
     with torch.no_grad():
