@@ -73,29 +73,27 @@ def join(device: torch.device) -> "tuple[Processes, torch.device]":
     """``(processes, device)`` of this process.
 
     Several processes (an initialized default group, or ``WORLD_SIZE > 1`` from torchrun): a CUDA ``device``
-    without an index becomes ``cuda:LOCAL_RANK`` (made current), so each process drives its own GPU; a CUDA
-    device with an index is refused, as every process would share it. A CPU device stays the CPU.
+    without an index becomes ``cuda:LOCAL_RANK`` (made current before the group is initialized), so each
+    process drives its own GPU; a CUDA device with an index is refused, as every process would share it. A
+    CPU device stays the CPU.
     """
-    owns = False
-    if dist.is_available() and dist.is_initialized():
-        rank, world = dist.get_rank(), dist.get_world_size()
-    else:
-        world = _world_from_env()
-        rank = 0
-        if world > 1:
-            if not dist.is_available():
-                raise RuntimeError(f"WORLD_SIZE={world} asks for several processes, but torch.distributed is "
-                                   "not available in this PyTorch build")
-            dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-            rank, owns = dist.get_rank(), True
-    processes = Processes(rank, world, owns)
+    initialized = dist.is_available() and dist.is_initialized()
+    world = dist.get_world_size() if initialized else _world_from_env()
     if world > 1 and device.type == "cuda":
         if device.index is not None:
-            processes.close()
             raise ValueError(
                 f"device {device} with {world} processes: every process would use that one GPU; give "
                 "'cuda' or 'auto', and each process takes the GPU of its LOCAL_RANK"
             )
+        rank = dist.get_rank() if initialized else int(os.environ.get("RANK", "0"))
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", rank % torch.cuda.device_count())))
         torch.cuda.set_device(device)
-    return processes, device
+    if initialized or world == 1:
+        return Processes(dist.get_rank() if initialized else 0, world, False), device
+    if not dist.is_available():
+        raise RuntimeError(
+            f"WORLD_SIZE={world} asks for several processes, but torch.distributed is not available in this "
+            "PyTorch build"
+        )
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return Processes(dist.get_rank(), world, True), device
