@@ -15,7 +15,7 @@ import sys
 import traceback
 from typing import List, Optional
 
-from qgrad.cli import demo, sweep, train
+from qgrad.cli import demo, plot, sweep, train
 from qgrad.malloc import keep_freed_memory
 
 __all__ = ["build_parser", "entry", "main"]
@@ -67,7 +67,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--debug", action="store_true", default=argparse.SUPPRESS, help="print full tracebacks for errors"
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    for module in (train, sweep, demo):
+    for module in (train, sweep, demo, plot):
         module.add_parser(sub, parents=[debug_parent])
     return parser
 
