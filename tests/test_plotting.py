@@ -1,6 +1,7 @@
 """``qgrad.plotting`` and ``qgrad plot``: reading sweep / demo results and drawing them."""
 import json
 import math
+import sys
 
 import pytest
 
@@ -107,3 +108,10 @@ def test_plot_command(tmp_path, capsys):
     assert "tell them apart with --labels" in capsys.readouterr().err
     assert main(["plot", str(a), str(b), "--labels", "one"]) == 1
     assert "--labels got 1 names for 2 results" in capsys.readouterr().err
+
+
+def test_without_matplotlib_the_command_says_what_to_install(tmp_path, capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib now fails
+    assert main(["plot", str(write_demo(tmp_path / "demo.json"))]) == 1
+    assert 'pip install "qgrad[plot]"' in capsys.readouterr().err
+    assert not (tmp_path / "demo.png").exists()

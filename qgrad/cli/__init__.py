@@ -21,7 +21,7 @@ from qgrad.malloc import keep_freed_memory
 __all__ = ["build_parser", "entry", "main"]
 
 # Errors a user can cause and fix (paths, formats, settings); anything else is a bug and keeps its traceback.
-EXPECTED_ERRORS = (OSError, ValueError, RuntimeError)
+EXPECTED_ERRORS = (OSError, ValueError, RuntimeError, ImportError)
 
 
 class _StdoutHandler(logging.StreamHandler):
