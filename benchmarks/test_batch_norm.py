@@ -2,7 +2,8 @@
 
 What the gradient-norm penalties run per BatchNorm layer: the forward, the first backward with
 ``create_graph=True`` and the backward through it (here with a random outer gradient for dx, as the penalties
-produce; the BatchNorm weight gradient is not differentiated further). Variants:
+produce; the BatchNorm weight gradient is not differentiated further), with contiguous and with channels-last
+tensors. Variants:
 
 * ``torch``: ``torch.nn.functional.batch_norm`` (the double backward is ``NativeBatchNormBackwardBackward0``);
 * ``qgrad``: :func:`qgrad.ops.batch_norm.batch_norm` with its fused double backward (the C++ kernel of
@@ -42,14 +43,15 @@ def _sync():
         torch.cuda.synchronize()
 
 
-def _case(shape, training):
+def _case(shape, training, layout):
     gen = torch.Generator().manual_seed(0)
     c = shape[1]
-    x = torch.randn(shape, generator=gen).to(DEVICE).requires_grad_()
+    fmt = torch.channels_last if layout == "channels_last" else torch.contiguous_format
+    x = torch.randn(shape, generator=gen).to(DEVICE).contiguous(memory_format=fmt).requires_grad_()
     w = torch.randn(c, generator=gen).to(DEVICE).requires_grad_()
     b = torch.randn(c, generator=gen).to(DEVICE).requires_grad_()
-    dy = torch.randn(shape, generator=gen).to(DEVICE)
-    ggx = torch.randn(shape, generator=gen).to(DEVICE)
+    dy = torch.randn(shape, generator=gen).to(DEVICE).contiguous(memory_format=fmt)
+    ggx = torch.randn(shape, generator=gen).to(DEVICE).contiguous(memory_format=fmt)
     stats = (torch.zeros(c, device=DEVICE), torch.ones(c, device=DEVICE))
     return x, w, b, dy, ggx, stats
 
@@ -63,23 +65,25 @@ def _step(fn, x, w, b, dy, ggx, stats, training):
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
-def test_batch_norm_double_backward(benchmark, monkeypatch, shape, training, variant):
+def test_batch_norm_double_backward(benchmark, monkeypatch, shape, training, layout, variant):
     if variant == "qgrad" and not CUDA and cpu_kernel("batch_norm_double_backward") is None:
         pytest.skip("qgrad._C is not built with batch_norm_double_backward (pip install --no-build-isolation .)")
     if variant == "qgrad_torch_ops":
         monkeypatch.setenv("QGRAD_BACKEND", "torch")
     fn = F.batch_norm if variant == "torch" else bn_ops.batch_norm
-    args = _case(shape, training)
+    args = _case(shape, training, layout)
     benchmark.pedantic(_step, args=(fn, *args, training), rounds=30, warmup_rounds=3)
     median = benchmark.stats.stats.median
-    key = (shape, training)
+    key = (shape, training, layout)
     if variant == "torch":
         _TORCH_MEDIANS[key] = median
     benchmark.extra_info.update(
         shape=list(shape),
         mode="train" if training else "eval",
+        layout=layout,
         variant=variant,
         device=torch.cuda.get_device_name() if CUDA else "cpu",
         threads=torch.get_num_threads(),
