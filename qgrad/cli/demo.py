@@ -286,5 +286,5 @@ def _run(args, out: Path, device, epochs: int, ft_epochs: int, configs) -> int:
     print(
         "baseline = plain fine-tuning of the same length; KL = mean KL(p_float || p_quant) over test batches"
     )
-    print(f"wrote {path} ({result['seconds']:.0f} s in total)")
+    print(f"wrote {path} ({result['seconds']:.0f} s in total); draw it with: qgrad plot {path}")
     return 0

@@ -177,5 +177,5 @@ def run(args: argparse.Namespace) -> int:
     }
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
-    print(f"wrote {out}")
+    print(f"wrote {out}; draw it (next to other runs' sweeps) with: qgrad plot {out}")
     return 0
