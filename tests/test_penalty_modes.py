@@ -654,3 +654,22 @@ def test_a_channels_last_model_gets_the_gradients_of_the_contiguous_one(method):
     # float64; the two layouts run the convolutions' sums in different orders
     for (name, _), a, b in zip(model.named_parameters(), grads[1], grads[0]):
         assert rel_err(a, b) <= 1e-9, (name, rel_err(a, b))
+
+
+def test_worst_case_backward_runs_post_accumulate_grad_hooks_with_the_final_gradient():
+    """A parameter with a post-accumulate-grad hook (an optimizer stepping in backward, say) gets the penalty
+    gradient through the autograd engine: the hook runs after each of the step's two accumulations, and the
+    second sees the final gradient, equal to the one accumulated without hooks."""
+    model, x, y = make_residual(F.relu)
+    hooked = copy.deepcopy(model)
+    seen = []
+    hooked.fc.weight.register_post_accumulate_grad_hook(lambda p: seen.append(p.grad.clone()))
+    grads = []
+    for net in (model, hooked):
+        penalty = L1GradPenalty(net, method="worst-case", h=1e-2)
+        grads.append(step_grads(net, lambda: F.cross_entropy(net(x), y), lambda loss: penalty.backward(
+            loss, lambda: F.cross_entropy(net(x), y))))
+    assert len(seen) == 2 and not torch.equal(seen[0], seen[1])
+    assert torch.equal(seen[1], hooked.fc.weight.grad)
+    for (name, _), a, b in zip(model.named_parameters(), grads[1], grads[0]):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=0, msg=name)
