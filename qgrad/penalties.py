@@ -667,7 +667,8 @@ def _accumulate(targets: Sequence[torch.Tensor], grads: List[Optional[torch.Tens
     distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
     if distributed or any(getattr(t, "_post_accumulate_grad_hooks", None) for t in targets):
         if any(g is not None for g in grads):
-            _GradientInjection.apply(None, grads, *targets).backward()
+            _GradientInjection.apply(None, grads, *targets).backward()  # its backward empties grads
+        grads.clear()
         return
     with torch.no_grad():
         have = [i for i, g in enumerate(grads) if g is not None and targets[i].grad is not None]
