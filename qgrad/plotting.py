@@ -4,14 +4,13 @@ one line per model, the way the paper compares a regularized model with its base
 The input is what :func:`qgrad.sweep` returns (rows with ``weight_bits``, ``act_bits``, ``accuracy``,
 ``loss``, ``kl``), or the files the commands write: ``qgrad sweep``'s ``sweep.json`` (one model) and ``qgrad
 demo``'s ``demo.json`` (the baseline and every penalty mode). Matplotlib is an optional dependency
-(``pip install "qgrad[plot]"``); it is imported only when a figure is drawn, with the non-interactive
-``Agg`` backend when no other is chosen, so that plotting works on machines without a display.
+(``pip install "qgrad[plot]"``); it is imported only when a figure is drawn, with the backend matplotlib
+chooses (``Agg`` on a machine without a display; inline in a notebook).
 """
 from __future__ import annotations
 
 import json
 import math
-import sys
 from pathlib import Path
 from typing import Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
@@ -111,11 +110,7 @@ def plot_sweeps(
     configs.sort(key=lambda c: c != (None, None))  # float first, the others as they came
 
     try:
-        import matplotlib
-
-        if "matplotlib.pyplot" not in sys.modules:  # no backend chosen yet: draw without a display
-            matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+        import matplotlib.pyplot as plt  # on a machine without a display matplotlib itself picks Agg
     except ImportError as e:
         raise ImportError(f'plotting needs matplotlib ({e}); pip install "qgrad[plot]"') from None
 

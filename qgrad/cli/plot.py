@@ -57,6 +57,9 @@ def run(args: argparse.Namespace) -> int:
     first = Path(args.sources[0])
     out = Path(args.out) if args.out else (first / "sweep.png" if first.is_dir() else first.with_suffix(".png"))
     out.parent.mkdir(parents=True, exist_ok=True)
-    plot_sweeps(series, out, metrics=args.metrics, title=args.title)
+    figure = plot_sweeps(series, out, metrics=args.metrics, title=args.title)
+    import matplotlib.pyplot as plt
+
+    plt.close(figure)
     print(f"wrote {out} ({len(series)} models: {', '.join(series)})")
     return 0
