@@ -14,6 +14,8 @@ import math
 from pathlib import Path
 from typing import Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
+from qgrad.quantization.sweep import config_label
+
 __all__ = ["METRICS", "load_series", "plot_sweeps"]
 
 # metric -> (axis label, log scale)
@@ -25,12 +27,6 @@ METRICS = {
 
 Rows = Sequence[Mapping[str, object]]
 Config = Tuple[Optional[int], Optional[int]]
-
-
-def _label(config: Config) -> str:
-    if config == (None, None):
-        return "float"
-    return ",".join("f" if b is None else str(b) for b in config)
 
 
 def load_series(path: Union[str, Path], label: Optional[str] = None) -> Dict[str, List[dict]]:
@@ -124,7 +120,7 @@ def plot_sweeps(
                 y = [v if v > 0 else math.nan for v in y]
             ax.plot(x, y, marker="o", label=name)
         ax.set_xticks(x)
-        ax.set_xticklabels([_label(c) for c in configs])
+        ax.set_xticklabels([config_label(c) for c in configs])
         ax.set_xlabel("bits (weights, activations)")
         ax.set_ylabel(label)
         if log:

@@ -19,7 +19,8 @@ import shutil
 import time
 from pathlib import Path
 
-from qgrad.cli.sweep import config_label, parse_config, run_sweep, with_float_first
+from qgrad.cli.sweep import parse_config, run_sweep, with_float_first
+from qgrad.quantization.sweep import config_label
 
 # (W, A) from the common 8/8 and the paper's 4-bit activations down to where a plain model breaks.
 CONFIGS = ((8, 8), (8, 4), (6, 4), (4, 4), (4, 3), (3, 3), (3, 2), (2, 2))

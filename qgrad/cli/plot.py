@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from qgrad.plotting import METRICS
+
 
 def add_parser(sub, parents) -> None:
     p = sub.add_parser(
@@ -30,7 +32,7 @@ def add_parser(sub, parents) -> None:
         "--metrics",
         nargs="+",
         default=["accuracy", "kl"],
-        choices=["accuracy", "kl", "loss"],
+        choices=list(METRICS),
         help="panels to draw (default: accuracy kl)",
     )
     p.add_argument("--title", default=None, help="figure title")

@@ -52,13 +52,6 @@ def with_float_first(configs: Sequence[Config]) -> List[Config]:
     return out
 
 
-def config_label(config: Config) -> str:
-    """``(8, 4)`` -> ``"8,4"``, ``(None, 4)`` -> ``"f,4"``, ``(None, None)`` -> ``"float"``."""
-    if config == (None, None):
-        return "float"
-    return ",".join("f" if b is None else str(b) for b in config)
-
-
 def add_parser(sub, parents) -> None:
     p = sub.add_parser(
         "sweep",

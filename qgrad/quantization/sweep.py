@@ -13,7 +13,7 @@ from torch import nn
 from qgrad.quantization._common import check_bits, model_device
 from qgrad.quantization.ptq import quantize_model
 
-__all__ = ["sweep", "format_table", "DEFAULT_CONFIGS"]
+__all__ = ["sweep", "format_table", "config_label", "DEFAULT_CONFIGS"]
 
 #: The CIFAR-10 setting of Alizadeh et al. 2020: float, then 4-bit activations with 8, 6 and 4-bit weights.
 DEFAULT_CONFIGS = ((None, None), (8, 4), (6, 4), (4, 4))
@@ -135,6 +135,13 @@ def sweep(
         if bar is not None:
             bar.close()
     return rows
+
+
+def config_label(config: Tuple[Optional[int], Optional[int]]) -> str:
+    """``(8, 4)`` -> ``"8,4"``, ``(None, 4)`` -> ``"f,4"``, ``(None, None)`` -> ``"float"``."""
+    if config == (None, None):
+        return "float"
+    return ",".join("f" if b is None else str(b) for b in config)
 
 
 def format_table(rows: Sequence[Dict]) -> str:
