@@ -25,6 +25,7 @@ from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile
 
 import qgrad.models
+from qgrad.malloc import keep_freed_memory
 from qgrad.penalties import L1GradPenalty
 
 LAMBDA = 0.05
@@ -97,6 +98,8 @@ def main(argv=None):
     args = parser.parse_args(argv)
     device = torch.device(args.device)
     cuda = device.type == "cuda"
+    if not cuda:  # as the step benchmark and the qgrad command line: no page faults on every new tensor
+        keep_freed_memory()
     torch.set_num_threads(args.threads)
     where = torch.cuda.get_device_name(device) if cuda else f"{args.threads} thread(s)"
     layout = ", channels-last" if args.channels_last else ""

@@ -608,7 +608,10 @@ class _ActivationShift(TorchFunctionMode):
                 f"activation {self.count} of the closure's forward has shape {tuple(x.shape)}, the first "
                 f"forward recorded {tuple(shape)}; the closure must recompute the same loss on the same batch"
             )
-        shifted = add_scaled_sign(sign, rho, x)
+        # computed with the mode off: every torch call inside add_scaled_sign would otherwise come back
+        # through __torch_function__ (three times the cost of the shift on small tensors)
+        with torch._C.DisableTorchFunction():
+            shifted = add_scaled_sign(sign, rho, x)
         self._swap[id(x)] = (x, shifted)  # holding x keeps its id unique while the mode is active
         self.count += 1
         return shifted
@@ -622,15 +625,26 @@ class _ActivationShift(TorchFunctionMode):
             return type(a)(self._substitute(b) for b in a)
         return a
 
+    def _hits(self, values) -> bool:
+        swap = self._swap
+        for a in values:
+            if isinstance(a, torch.Tensor):
+                if id(a) in swap:
+                    return True
+            elif isinstance(a, (list, tuple)) and self._hits(a):
+                return True
+        return False
+
     def __torch_function__(self, func, types, args=(), kwargs=None):
-        # a shallow walk (tensors, and lists/tuples of them, as arguments): the mode sees every torch call
-        # of the forward (~650 for ResNet-18 with qgrad's BatchNorm), and a generic pytree map per call cost
-        # more than half of a width-0.25 ResNet-18 forward
-        if self._swap:
+        # the mode sees every torch call of the forward, Tensor methods and properties included (~440 per
+        # ResNet-18 step), and each costs host time on top of the call itself: arguments are only scanned
+        # (no pytree map, no new tuple) unless one of them is to be substituted
+        if kwargs is None:
+            kwargs = {}
+        if self._swap and (self._hits(args) or (kwargs and self._hits(kwargs.values()))):
             args = tuple(self._substitute(a) for a in args)
-            if kwargs:
-                kwargs = {k: self._substitute(v) for k, v in kwargs.items()}
-        return func(*args, **(kwargs or {}))
+            kwargs = {k: self._substitute(v) for k, v in kwargs.items()}
+        return func(*args, **kwargs)
 
 
 class _GradientInjection(torch.autograd.Function):

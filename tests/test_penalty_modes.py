@@ -22,7 +22,7 @@ from torch import nn
 import qgrad.models
 from qgrad.nn.batch_norm import BatchNorm1d, BatchNorm2d, convert_batchnorm
 from qgrad.nn.conv import Conv2d
-from qgrad.penalties import L1GradPenalty
+from qgrad.penalties import L1GradPenalty, _ActivationShift
 
 LAYERS = (nn.Conv2d, nn.Linear)
 
@@ -510,6 +510,33 @@ def test_worst_case_gradient_is_its_defining_formula(act_name, lw, la, radius):
     (loss + reg).backward()
     for name, prm in fresh.named_parameters():
         assert rel_err(prm.grad, expected[name], floor=1e-6) <= 1e-9, name
+
+
+def test_activation_shift_reaches_every_later_use_of_the_shifted_tensor():
+    # the worst-case second forward: once a regularized layer has taken x, every torch call that gets x
+    # (positionally, as a keyword, inside a list) gets the shifted tensor; other tensors pass unchanged
+    x = torch.randn(3, 4, requires_grad=True)
+    other = torch.randn(3, 4)
+    sign = torch.tensor([[1, -1, 0, 1]] * 3, dtype=torch.int8)
+    layer = nn.Linear(4, 2)
+    mode = _ActivationShift([(x.shape, sign, 0.25)])
+    with mode:
+        shifted = mode.replace(layer, x)
+        assert mode.replace(layer, x) is shifted  # a second layer reading x gets the same tensor
+        plus = torch.add(other, other=x)
+        joined = torch.cat([other, x])
+        product = x * 2
+        untouched = torch.mul(other, 3)
+    expected = x.detach() + 0.25 * sign
+    assert torch.equal(shifted.detach(), expected)
+    assert torch.equal(plus.detach(), other + expected)
+    assert torch.equal(joined.detach(), torch.cat([other, expected]))
+    assert torch.equal(product.detach(), expected * 2)
+    assert torch.equal(untouched, other * 3)
+    assert mode.count == 1
+    # the shift is constant: the gradient reaches x unchanged through every substituted use
+    (plus.sum() + joined.sum() + product.sum()).backward()
+    assert torch.equal(x.grad, torch.full_like(x, 4.0))
 
 
 def penalty_direction(model_fn, x, y, **kwargs):
