@@ -49,7 +49,8 @@ def _own(base: torch.Tensor, view: torch.Tensor) -> torch.Tensor:
     itself a view: nothing else keeps ``base``'s memory once ``base`` is dropped."""
     out = torch.empty((0,), dtype=base.dtype, device=base.device)
     with torch.no_grad():
-        # the tensor source (not a storage object, whose Python wrapper would hold the memory too)
+        # from the tensor, not from base.untyped_storage(): with the storage object the memory kept a second
+        # owner, and the engine still could not add into the result in place
         return out.set_(base, base.storage_offset(), view.shape, view.stride())
 
 
