@@ -683,25 +683,6 @@ def test_a_channels_last_model_gets_the_gradients_of_the_contiguous_one(method):
         assert rel_err(a, b) <= 1e-9, (name, rel_err(a, b))
 
 
-def test_a_channels_last_double_backward_adds_gradients_in_place_like_the_contiguous_one():
-    """The kernels hand back channels-last results as tensors of their own, not views of their output: the
-    autograd engine adds a second gradient into a first one in place only when nothing else holds its memory,
-    so with views every such sum became a new activation-sized tensor (31 per ResNet-18 step)."""
-    from torch.profiler import profile
-
-    counts = []
-    for layout in (torch.contiguous_format, torch.channels_last):
-        torch.manual_seed(0)
-        model = qgrad.models.get("resnet18", num_classes=5, width=0.0625).train().to(memory_format=layout)
-        x = torch.randn(2, 3, 8, 8).contiguous(memory_format=layout)
-        y = torch.randint(0, 5, (2,))
-        penalty = L1GradPenalty(model, weight=0.1, activation=0.1)
-        with profile() as prof:
-            penalty.backward(F.cross_entropy(model(x), y))
-        counts.append({e.key: e.count for e in prof.key_averages() if e.key in ("aten::add", "aten::add_")})
-    assert counts[1] == counts[0]
-
-
 def test_worst_case_backward_runs_post_accumulate_grad_hooks_with_the_final_gradient():
     """A parameter with a post-accumulate-grad hook (an optimizer stepping in backward, say) gets the penalty
     gradient through the autograd engine: the hook runs after each of the step's two accumulations, and the

@@ -47,7 +47,7 @@ from typing import List, Optional, Sequence, Tuple
 import torch
 
 from qgrad.ops.dispatch import cpu_kernel, triton_kernel
-from qgrad.ops.layout import as_layout, dense_order
+from qgrad.ops.layout import dense_order, inverse_order
 
 __all__ = [
     "add_scaled_sign",
@@ -123,7 +123,7 @@ def l1_norm_sign(
             else:
                 norms, signs = kernel(views, keep_sign)
             if keep_sign:
-                signs = [s if o is None else as_layout(s, o) for s, o in zip(signs, orders)]
+                signs = [s if o is None else s.permute(inverse_order(o)) for s, o in zip(signs, orders)]
             return norms.to(dtype), (signs if keep_sign else None)
         norms = torch.stack([t.abs().sum(dtype=dtype) for t in tensors])
         # sign() keeps NaN, which int8 cannot hold: zero it so that both paths agree
@@ -203,7 +203,7 @@ def _add_scaled_sign(sign, scale, x, dtype):
             out = None if kernel is None else kernel(s, float(scale), v, dtype)
         if out is None:
             return add_scaled_sign_ref(sign, scale, x, dtype)
-    return out if order is None else as_layout(out, order)
+    return out if order is None else out.permute(inverse_order(order))
 
 
 class _AddScaledSignFn(torch.autograd.Function):
