@@ -246,6 +246,15 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(runs, tmp_path
     assert [r["epoch"] for r in _metrics(run_dir)] == [1]
 
 
+@pytest.mark.parametrize("penalty, lam", [("l1", 0.005), ("l2", 0.05), ("dq", 0.05)])
+def test_lambda_defaults_to_the_papers_except_l1_on_digits(tmp_path, penalty, lam):
+    cfg = TrainConfig(**TINY, epochs=1, penalty=penalty, penalty_epochs=1, out=str(tmp_path / penalty))
+    assert cfg.lam is None
+    result = train(cfg, progress=False)
+    assert json.loads((tmp_path / penalty / "config.json").read_text())["lam"] == lam
+    assert result["penalty"] == pytest.approx(lam * sum(result["penalty_terms"].values()), rel=1e-5)
+
+
 def test_config_validation():
     with pytest.raises(ValueError, match="penalty must be one of"):
         train(TrainConfig(penalty="l3", out="x"))
@@ -263,6 +272,8 @@ def test_config_validation():
         train(TrainConfig(penalty="l1", bits=4, out="x"))
     with pytest.raises(ValueError, match=r"bits must be an int in \[2, 16\]"):
         train(TrainConfig(penalty="l1", method="worst-case", bits=1, out="x"))
+    with pytest.raises(ValueError, match="lam must be a non-negative number"):
+        train(TrainConfig(penalty="l1", lam=float("nan"), out="x"))
     with pytest.raises(ValueError, match="unknown TrainConfig fields"):
         TrainConfig.from_dict({"lr": 0.1, "learning_rate": 0.1})
 

@@ -28,7 +28,15 @@ _OPTIONS = (
         "SGD weight decay (default: 5e-4 from scratch, 1e-4 with --init)",
     ),
     ("--penalty", "penalty", str, "gradient penalty: l1 (the paper's), l2, dq (orthogonality), none"),
-    ("--lam", "lam", float, "penalty strength lambda (l1/l2: both the weight and the activation term)"),
+    (
+        "--lam",
+        "lam",
+        float,
+        (
+            "penalty strength lambda (l1/l2: both the weight and the activation term) (default: 0.05, the "
+            "paper's; 0.005 for l1 on digits)"
+        ),
+    ),
     ("--every", "every", int, "l1 only: penalize every N-th step, weighted by N (plain steps between)"),
     ("--method", "method", str, "l1 only: exact (double backward) or worst-case (extra forward/backward)"),
     ("--bits", "bits", int, "worst-case only: perturb each tensor by half a bin of a BITS-bit grid"),
@@ -83,7 +91,9 @@ def add_parser(sub, parents) -> None:
         if kind is bool:  # a switch; None when absent, so that --resume keeps the stored setting
             p.add_argument(flag, dest=field, action="store_true", default=None, help=text)
             continue
-        shown = "" if field in ("weight_decay", "data_root", "init", "bits") else f" (default: {default})"
+        # no "(default: ...)" where the default depends on other options or there is none
+        unshown = ("weight_decay", "lam", "data_root", "init", "bits")
+        shown = "" if field in unshown else f" (default: {default})"
         p.add_argument(flag, dest=field, type=kind, default=None, help=text + shown, **extra)
     p.add_argument("--out", required=True, metavar="RUN_DIR", help="run directory (created if needed)")
     p.add_argument(
