@@ -63,5 +63,6 @@ def run(args: argparse.Namespace) -> int:
     import matplotlib.pyplot as plt
 
     plt.close(figure)
-    print(f"wrote {out} ({len(series)} models: {', '.join(series)})")
+    noun = "model" if len(series) == 1 else "models"
+    print(f"wrote {out} ({len(series)} {noun}: {', '.join(series)})")
     return 0
