@@ -181,6 +181,10 @@ def run(args: argparse.Namespace) -> int:
         train_log.setLevel(level)
 
 
+def _epochs(n: int) -> str:
+    return f"{n} epoch" if n == 1 else f"{n} epochs"
+
+
 def _run(args, out: Path, device, epochs: int, ft_epochs: int, configs) -> int:
     from qgrad.data import load
     from qgrad.training import TrainConfig, load_model, train
@@ -204,12 +208,12 @@ def _run(args, out: Path, device, epochs: int, ft_epochs: int, configs) -> int:
     stages = [
         (
             "baseline",
-            f"train the baseline for {epochs} epochs",
+            f"train the baseline for {_epochs(epochs)}",
             TrainConfig(epochs=epochs, lr=LR, out=str(out / "baseline"), **common),
         ),
         (
             "finetune",
-            f"fine-tune it {ft_epochs} more epochs without penalty",
+            f"fine-tune it {_epochs(ft_epochs)} more without penalty",
             TrainConfig(
                 epochs=ft_epochs,
                 lr=FINETUNE_LR,
@@ -227,7 +231,7 @@ def _run(args, out: Path, device, epochs: int, ft_epochs: int, configs) -> int:
         stages.append(
             (
                 key,
-                f"fine-tune it {ft_epochs} more epochs with the l1 penalty (lambda {args.lam:g}{detail})",
+                f"fine-tune it {_epochs(ft_epochs)} more with the l1 penalty (lambda {args.lam:g}{detail})",
                 TrainConfig(
                     epochs=ft_epochs,
                     lr=FINETUNE_LR,
