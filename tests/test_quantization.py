@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from qgrad import L1GradPenalty
 from qgrad.nn import QuantConv2d, QuantLinear, quant_range
 from qgrad.quantization import (
     bn_input_ranges,
@@ -314,6 +315,26 @@ def test_16_bit_is_close_to_float_and_original_untouched():
         assert (q4(x) - ref).abs().max() / ref.abs().max() > 10 * err  # 4 bits must be visibly coarser
     assert_same(net, snap)
     assert net.training
+
+
+@pytest.mark.parametrize("act_range", ["bn", "minmax"])
+def test_model_with_an_attached_penalty_quantizes_like_the_torch_model(act_range):
+    # L1GradPenalty swaps the convolutions for qgrad.nn twins while attached; a model quantized meanwhile (or
+    # a copy taken meanwhile, e.g. the best model so far) must be quantized like the torch model
+    torch.manual_seed(12)
+    net, x = ResBlockNet(), torch.randn(16, 3, 8, 8)
+    calibrate_bn(net, x)
+    calib = None if act_range == "bn" else x
+    expected = quantize_model(net, 4, 4, act_range=act_range, calib=calib)(x)
+    expected_qat = prepare_qat(net, 4, 4)(x)
+    penalty = L1GradPenalty(net, weight=0.05, activation=0.05)
+    assert type(net.conv1) is not nn.Conv2d  # the twin
+    for model in (net, copy.deepcopy(net)):
+        q = quantize_model(model, 4, 4, act_range=act_range, calib=calib)
+        assert sorted(type(m).__name__ for m in quant_layers(q).values()) == ["QuantConv2d"] * 4 + ["QuantLinear"]
+        assert torch.equal(q(x), expected)
+        assert torch.equal(prepare_qat(model, 4, 4)(x), expected_qat)
+    penalty.remove()
 
 
 @pytest.mark.parametrize("per_channel", [False, True])

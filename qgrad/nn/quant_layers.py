@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from qgrad.nn import conv as _penalty_conv
 from qgrad.nn.fake_quant import FakeQuant
 
 __all__ = ["QuantConv1d", "QuantConv2d", "QuantConv3d", "QuantLinear", "QUANT_TWINS"]
@@ -149,11 +150,16 @@ class QuantLinear(_QuantMixin, nn.Linear):
 
 
 #: The float layer types qgrad quantizes, mapped to their quantized twins. Matching is by exact type: a
-#: user subclass may use its weight differently in ``forward``, so it is left alone.
+#: user subclass may use its weight differently in ``forward``, so it is left alone. The convolutions that
+#: ``L1GradPenalty`` swaps in (:mod:`qgrad.nn.conv`) compute torch's forward, so a model quantized while a
+#: penalty is attached (or a copy of it) is quantized like the torch model.
 QUANT_TWINS = {
     nn.Conv1d: QuantConv1d,
     nn.Conv2d: QuantConv2d,
     nn.Conv3d: QuantConv3d,
+    _penalty_conv.Conv1d: QuantConv1d,
+    _penalty_conv.Conv2d: QuantConv2d,
+    _penalty_conv.Conv3d: QuantConv3d,
     nn.Linear: QuantLinear,
     QuantConv1d: QuantConv1d,
     QuantConv2d: QuantConv2d,
