@@ -873,7 +873,9 @@ class L1GradPenalty(_GradNormPenalty):
         buffers are restored afterwards (BatchNorm running statistics, ``num_batches_tracked``), so running
         statistics are updated once per step, by the caller's forward; and the random
         number generator is replayed from the state the first forward started from (same dropout masks)
-        and then restored, so the step consumes no random numbers of its own. ``backward`` frees the first
+        and then restored, so the step consumes no random numbers of its own. That state is taken at the
+        start of the model's last forward with grad enabled: a forward under ``torch.no_grad()`` in between
+        (validation, logging) does not change it. ``backward`` frees the first
         graph and the first forward's activations before the second forward; what remains on top of a plain
         step is the shifted copy of each recorded activation (the unshifted one stays saved by the layer that
         produced it), the int8 signs and copies of the parameters and their gradients -- measured 1.7x (VGG-
@@ -962,7 +964,7 @@ class L1GradPenalty(_GradNormPenalty):
         if self._second_forward is not None:  # the worst-case closure: keep the first forward's recording
             return
         self._fresh = True
-        if self._method == "worst-case":
+        if self._method == "worst-case" and torch.is_grad_enabled():  # a no_grad forward has no loss to penalize
             self._rng = _rng_states(self.model)
         elif self._every > 1:
             # a forward whose step will be plain runs torch's own BatchNorm and convolution: the twins'

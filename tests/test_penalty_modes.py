@@ -597,6 +597,32 @@ def test_worst_case_replays_dropout_and_consumes_no_random_numbers():
     assert torch.equal(torch.rand(3), after)
 
 
+@pytest.mark.parametrize("mode", ["eval", "train"])
+def test_worst_case_replay_ignores_a_no_grad_forward_in_between(mode):
+    # a validation or logging forward between the step's forward and the penalty draws other dropout masks
+    # (train mode) or none (eval); the closure must still replay the masks of the step's forward
+    model = nn.Sequential(nn.Linear(5, 8), nn.Tanh(), nn.Dropout(0.5), nn.Linear(8, 3)).double().train()
+    x, y = torch.randn(7, 5, dtype=torch.float64), torch.randint(0, 3, (7,))
+    penalty = L1GradPenalty(model, weight=0.2, activation=0.2, method="worst-case", h=1e-5)
+
+    def step(between):
+        model.zero_grad()
+        torch.manual_seed(5)
+        loss = F.cross_entropy(model(x), y)
+        if between:
+            model.train(mode == "train")
+            with torch.no_grad():
+                model(torch.randn(4, 5, dtype=torch.float64))
+            model.train()
+        stats = penalty.backward(loss, lambda: F.cross_entropy(model(x), y))
+        return stats["penalty"], [p.grad.clone() for p in model.parameters()]
+
+    value, grads = step(between=False)
+    value_between, grads_between = step(between=True)
+    assert value_between == value
+    assert all(torch.equal(a, b) for a, b in zip(grads, grads_between))
+
+
 def test_worst_case_errors_leave_the_model_unchanged():
     model, x, y = make_residual(torch.tanh)
     before = {k: v.clone() for k, v in model.state_dict().items()}
