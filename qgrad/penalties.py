@@ -135,6 +135,21 @@ def _layers(model: nn.Module) -> List[nn.Module]:
     return [m for m in model.modules() if isinstance(m, _LAYER_TYPES)]
 
 
+def _check_plain_weights(model: nn.Module, penalty: str) -> None:
+    """A gradient-norm penalty differentiates w.r.t. the tensor ``layer.weight``, read after the forward. A
+    weight computed by ``torch.nn.utils.parametrize`` (``parametrizations.weight_norm``, ``spectral_norm``,
+    ``orthogonal``, ...) is a new tensor at every read, which the loss does not depend on: its gradient would
+    silently count as zero."""
+    for name, m in model.named_modules():
+        if isinstance(m, _LAYER_TYPES) and torch.nn.utils.parametrize.is_parametrized(m, "weight"):
+            raise ValueError(
+                f"the weight of layer {name or type(model).__name__!r} is computed by a parametrization "
+                f"(torch.nn.utils.parametrize), a new tensor at every read, so {penalty} cannot take the "
+                "gradient w.r.t. the weight the forward used. Remove the parametrization "
+                "(parametrize.remove_parametrizations), or regularize activations only (weight=0)"
+            )
+
+
 def _accumulation_dtype(t: torch.Tensor) -> torch.dtype:
     # norms and Gram matrices of half-precision tensors are reduced in float32: an l1 norm sums millions of
     # terms, which float16 (11-bit mantissa) cannot accumulate without losing the small ones
@@ -391,6 +406,8 @@ class _GradNormPenalty(_Penalty):
         activation = _check_coefficient("activation", activation)
         if double_backward:
             _check_twice_differentiable(model, type(self).__name__)
+        if weight > 0 and params is None and isinstance(model, nn.Module):
+            _check_plain_weights(model, type(self).__name__)
         super().__init__(model, params, record=activation > 0, watch_forward=watch_forward)
         self._weight = weight
         self._activation = activation
@@ -774,7 +791,9 @@ class L1GradPenalty(_GradNormPenalty):
             learning rate, the penalty can wreck the float accuracy (measured: that model trained from scratch
             with 0.05 or 0.005 at a learning rate of 0.05 was at chance, 10-11%, after three epochs), so
             train first and regularize the last epochs or a fine-tune, as the paper does.
-        params: explicit tensors (leaf, requiring grad) to use as ``W`` instead of the layer weights.
+        params: explicit tensors (leaf, requiring grad) to use as ``W`` instead of the layer weights. A layer
+            weight computed by ``torch.nn.utils.parametrize`` (``parametrizations.weight_norm``, ...) is a
+            new tensor at every read, not the one the forward used, and is refused with ``weight > 0``.
         every: apply the penalty gradient on one call in ``every`` (see *Cheaper modes*); 1 = every call.
         method: ``"exact"`` (default) or ``"worst-case"`` (see *Cheaper modes*).
         h: ``"worst-case"`` only: the perturbation radius (default 1e-3).
@@ -1117,6 +1136,17 @@ class L1GradPenalty(_GradNormPenalty):
 
     def _worst_case(self, loss: torch.Tensor, closure, into_grad: bool):
         weights, acts = self._selected()
+        if any(not w.is_leaf for w in weights):
+            # e.g. torch.nn.utils.weight_norm / spectral_norm: the second forward's pre-hook would recompute
+            # the weight and drop the move
+            names = [n for n, m in self.model.named_modules() if isinstance(m, _LAYER_TYPES)
+                     and any(m.weight is w for w in weights if not w.is_leaf)]
+            raise RuntimeError(
+                "method='worst-case' moves the weights in place, but "
+                + (f"the weight of layer {names[0]!r} is" if names else "a regularized weight is")
+                + " computed from other tensors (recomputed at every forward by a weight_norm or spectral_norm "
+                "hook?); use method='exact', or weight=0"
+            )
         targets = _unique([p for p in self.model.parameters() if p.requires_grad] + weights)
         position = {id(t): i for i, t in enumerate(targets)}
         # pass 1: the gradients at theta. backward() accumulates them into .grad right away (hooks read

@@ -440,6 +440,39 @@ def test_compiled_models_are_refused_where_the_backward_is_differentiated():
     L1GradPenalty(compiled, method="worst-case").remove()
 
 
+def test_parametrized_weights_are_refused_and_hook_computed_weights_work():
+    """A weight computed by torch.nn.utils.parametrize is a new tensor at every read, which the loss does not
+    depend on: the gradient penalties refuse it (its gradient would silently count as zero) unless the
+    weights are left out. The older hook-based weight_norm sets ``layer.weight`` at each forward, so the
+    exact penalty reads the tensor the forward used, while the worst-case mode, which moves weights in place,
+    refuses it."""
+    x, y = make_batch()
+    for parametrize in (nn.utils.parametrizations.weight_norm, nn.utils.parametrizations.spectral_norm):
+        net = make_net()
+        parametrize(net.conv1)
+        before = hook_counts(net)
+        for make, kwargs in ((L1GradPenalty, {}), (L1GradPenalty, dict(method="worst-case")), (L2GradPenalty, {})):
+            with pytest.raises(ValueError, match="weight of layer 'conv1' is computed by a parametrization"):
+                make(net, **kwargs)
+        assert hook_counts(net) == before
+        L1GradPenalty(net, weight=0.0).remove()
+        OrthogonalityPenalty(net).remove()  # differentiates the weight itself: fine
+
+    net = make_net()
+    with pytest.warns(FutureWarning):  # torch deprecates the hook-based version
+        nn.utils.weight_norm(net.conv1)
+    penalty = L1GradPenalty(net, weight=0.1, activation=0.0)
+    loss = F.cross_entropy(net(x), y)
+    grads = torch.autograd.grad(loss, [net.conv1.weight, net.conv2.weight, net.fc.weight], retain_graph=True)
+    stats = penalty.backward(loss)
+    assert stats["weight_l1"] == pytest.approx(float(sum(g.abs().sum() for g in grads)), rel=1e-12)
+    assert net.conv1.weight_v.grad is not None
+    penalty.remove()
+    penalty = L1GradPenalty(net, weight=0.1, activation=0.0, method="worst-case")
+    with pytest.raises(RuntimeError, match="weight of layer 'conv1' is computed from other tensors"):
+        penalty.backward(F.cross_entropy(net(x), y), lambda: F.cross_entropy(net(x), y))
+
+
 # -------------------------------------------------------------------------------------------- hooks / copies
 def test_state_dict_unchanged():
     net = make_net()
