@@ -160,6 +160,32 @@ def test_fold_bn_skips_unsafe_pairs():
     torch.testing.assert_close(folded(x), model(x), rtol=0, atol=1e-12)
 
 
+class TiedAndAliased(nn.Module):
+    """Two convs sharing one weight, each with its own BatchNorm; the second BatchNorm is called through an
+    alias attribute (fx reports the first name)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv_a, self.bn_a = nn.Conv2d(3, 3, 3, padding=1), nn.BatchNorm2d(3)
+        self.conv_b, self.bn_b = nn.Conv2d(3, 3, 3, padding=1, bias=False), nn.BatchNorm2d(3)
+        self.conv_b.weight = self.conv_a.weight
+        self.norm_b = self.bn_b
+
+    def forward(self, x):
+        return self.bn_a(self.conv_a(x)) + self.norm_b(self.conv_b(x))
+
+
+def test_fold_bn_with_tied_weights_and_an_aliased_batchnorm():
+    model = randomize_bn(TiedAndAliased(), seed=4, dtype=torch.float64).eval()
+    x = torch.randn(4, 3, 5, 5, dtype=torch.float64)
+    folded = fold_bn(model)
+    assert not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in folded.modules())
+    torch.testing.assert_close(folded(x), model(x), rtol=0, atol=1e-12)
+    assert model.conv_a.weight is model.conv_b.weight  # the original stays tied
+    q = quantize_model(model, None, None)
+    torch.testing.assert_close(q(x), model(x), rtol=0, atol=1e-12)
+
+
 # ---------------------------------------------------------------------------------------------------- bn ranges
 def hand_ranges(net: ResBlockNet, n=BN_N):
     """Expected per-tensor input ranges of ResBlockNet, written out channel by channel with Python floats."""
@@ -547,6 +573,10 @@ def test_sweep_default_configs_and_generators():
     assert [(r["weight_bits"], r["act_bits"]) for r in rows] == [(None, None), (8, 4), (6, 4), (4, 4)]
     rows2 = sweep(net, data, configs=[(None, None), (6, 4)], act_range="minmax", calib=data)
     assert len(rows2) == 2 and rows2[0] == rows[0]
+    # a one-shot calib iterator calibrates every config alike
+    configs = [(8, 4), (4, 4)]
+    rows3 = sweep(net, data, configs=configs, act_range="minmax", calib=(x for x, _ in data))
+    assert rows3 == sweep(net, data, configs=configs, act_range="minmax", calib=[x for x, _ in data])
 
 
 def test_sweep_errors():
@@ -566,6 +596,15 @@ def test_sweep_errors():
 
     with pytest.raises(ValueError, match="same batches"):
         sweep(net, Reshuffled(), configs=[(8, 8)])
+
+    def never(batches=[]):  # bad quantization arguments are reported before the float pass reads any data
+        yield from batches
+        raise AssertionError("the data was read")
+
+    for kwargs, message in ((dict(act_range="bnn"), "act_range must be one of"),
+                            (dict(act_range="minmax"), "pass calib=")):
+        with pytest.raises(ValueError, match=message):
+            sweep(net, never(), configs=[(8, 4)], **kwargs)
 
 
 # ---------------------------------------------------------------------------------------------------- model zoo

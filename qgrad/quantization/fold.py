@@ -29,8 +29,10 @@ __all__ = ["fold_bn", "fold_bn_pair", "fold_bn_inplace"]
 def fold_bn_pair(layer: nn.Module, bn: nn.modules.batchnorm._BatchNorm) -> None:
     """Fold the running statistics and affine parameters of ``bn`` into ``layer`` (in place).
 
-    ``layer`` is a conv or linear whose output channels (axis 0 of its weight) are ``bn``'s features. A layer
-    without bias gets one. ``bn`` itself is left unchanged; the caller removes it from the model.
+    ``layer`` is a conv or linear whose output channels (axis 0 of its weight) are ``bn``'s features. The layer
+    gets new ``weight`` and ``bias`` Parameters (a layer without bias gets one), so a weight it shared with
+    another layer (tied weights, each layer followed by its own BatchNorm) is folded for this layer only.
+    ``bn`` itself is left unchanged; the caller removes it from the model.
     """
     w = layer.weight
     dt = torch.float64
@@ -41,11 +43,9 @@ def fold_bn_pair(layer: nn.Module, bn: nn.modules.batchnorm._BatchNorm) -> None:
     b = layer.bias.to(dt) if layer.bias is not None else torch.zeros_like(inv_std)
     new_w = w.to(dt) * factor.reshape((-1,) + (1,) * (w.dim() - 1))
     new_b = (b - bn.running_mean.to(dt)) * factor + beta
-    w.copy_(new_w.to(w.dtype))
-    if layer.bias is None:
-        layer.bias = nn.Parameter(new_b.to(device=w.device, dtype=w.dtype), requires_grad=w.requires_grad)
-    else:
-        layer.bias.copy_(new_b.to(layer.bias.dtype))
+    layer.weight = nn.Parameter(new_w.to(w.dtype), requires_grad=w.requires_grad)
+    bias_dtype = w.dtype if layer.bias is None else layer.bias.dtype
+    layer.bias = nn.Parameter(new_b.to(device=w.device, dtype=bias_dtype), requires_grad=w.requires_grad)
 
 
 def fold_bn_inplace(model: nn.Module, graph: Optional[torch.fx.Graph]) -> List[Tuple[str, str]]:
@@ -57,8 +57,11 @@ def fold_bn_inplace(model: nn.Module, graph: Optional[torch.fx.Graph]) -> List[T
         return []
     pairs = bn_pairs_in(graph, model)
     for layer_name, bn_name in pairs:
-        fold_bn_pair(model.get_submodule(layer_name), model.get_submodule(bn_name))
-        replace_module(model, bn_name, nn.Identity())
+        bn = model.get_submodule(bn_name)
+        fold_bn_pair(model.get_submodule(layer_name), bn)
+        # fx names a module by its first qualified name; forward may call it through another attribute
+        for name in [n for n, m in model.named_modules(remove_duplicate=False) if m is bn]:
+            replace_module(model, name, nn.Identity())
     return pairs
 
 

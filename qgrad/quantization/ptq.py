@@ -16,7 +16,7 @@ from qgrad.quantization._common import check_bits, quantizable_layers, replace_m
 from qgrad.quantization.fold import fold_bn_inplace
 from qgrad.quantization.ranges import bn_input_ranges, calibration_ranges
 
-__all__ = ["quantize_model", "ACT_RANGES", "weight_quantizer", "activation_quantizer"]
+__all__ = ["quantize_model", "ACT_RANGES", "check_act_range", "weight_quantizer", "activation_quantizer"]
 
 #: Accepted values of ``act_range``.
 ACT_RANGES = ("bn", "minmax", "percentile")
@@ -47,6 +47,15 @@ def _check_positive(value, name: str) -> float:
     if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value) or value <= 0:
         raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
     return float(value)
+
+
+def check_act_range(act_range: str, act_bits: Optional[int], calib) -> None:
+    """Raise ``ValueError`` for an unknown ``act_range``, or one that measures data without ``calib``."""
+    if act_range not in ACT_RANGES:
+        raise ValueError(f"act_range must be one of {', '.join(repr(a) for a in ACT_RANGES)}, got {act_range!r}")
+    if act_bits is not None and act_range != "bn" and calib is None:
+        raise ValueError(f"act_range={act_range!r} measures activations on data: pass calib=<batch or batches>, "
+                         "or use act_range='bn'")
 
 
 def quantize_model(
@@ -102,17 +111,13 @@ def quantize_model(
     """
     weight_bits = check_bits(weight_bits, "weight_bits")
     act_bits = check_bits(act_bits, "act_bits")
-    if act_range not in ACT_RANGES:
-        raise ValueError(f"act_range must be one of {', '.join(repr(a) for a in ACT_RANGES)}, got {act_range!r}")
+    check_act_range(act_range, act_bits, calib)
     if not isinstance(per_channel_weights, bool):
         raise TypeError(f"per_channel_weights must be a bool, got {per_channel_weights!r}")
     bn_n = _check_positive(bn_n, "bn_n")
     percentile = _check_positive(percentile, "percentile")
     if not 50 < percentile <= 100:
         raise ValueError(f"percentile must be in (50, 100], got {percentile!r}")
-    if act_bits is not None and act_range != "bn" and calib is None:
-        raise ValueError(f"act_range={act_range!r} measures activations on data: pass calib=<batch or batches>, "
-                         "or use act_range='bn'")
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     if not quantizable_layers(model):

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from qgrad.quantization._common import check_bits, model_device
-from qgrad.quantization.ptq import quantize_model
+from qgrad.quantization.ptq import check_act_range, quantize_model
 
 __all__ = ["sweep", "format_table", "config_label", "DEFAULT_CONFIGS"]
 
@@ -64,7 +64,8 @@ def sweep(
             iterated once per config and must yield the same batches each time (no shuffling); this is checked
             on the targets. A one-shot iterator is materialized into a list first.
         configs: ``(weight_bits, act_bits)`` pairs, each an int in [2, 16] or ``None`` (float).
-        act_range, calib: passed to :func:`~qgrad.quantization.ptq.quantize_model`.
+        act_range, calib: passed to :func:`~qgrad.quantization.ptq.quantize_model` (a one-shot ``calib``
+            iterator is materialized into a list first).
         device: where to evaluate (default: the model's device); batches are moved there.
         progress: show a tqdm progress bar over the configs.
 
@@ -75,9 +76,13 @@ def sweep(
         0 against rounding; exactly 0 for the float row) and ``samples``.
     """
     configs = _check_configs(configs)
+    for _, a_bits in configs:  # before the float pass, which may take long
+        check_act_range(act_range, a_bits, calib)
     device = torch.device(device) if device is not None else model_device(model)
     if isinstance(data, Iterator):  # one-shot: keep its batches for the later passes
         data = list(data)
+    if isinstance(calib, Iterator):  # likewise: every config calibrates on it
+        calib = list(calib)
 
     float_model = copy.deepcopy(model).to(device).eval()
     float_logp: List[torch.Tensor] = []
