@@ -80,6 +80,34 @@ def test_learnable_scale_keeps_identity_and_trains():
     assert losses[-1] < losses[0]
 
 
+def test_learnable_scale_pushed_below_zero_is_clamped_not_an_error():
+    fq = FakeQuant(bits=4, learnable=True)
+    param = fq.scale
+    x = torch.randn(100)
+    fq(x)
+    with torch.no_grad():
+        param.fill_(-0.3)  # what a large optimizer step can do
+    y = fq(x)
+    assert fq.scale is param and float(param.detach()) == torch.finfo(torch.float32).tiny
+    assert torch.equal(y, fake_quant(x, param.detach(), 0.0, -7, 7))  # codes times the tiny scale
+    y.sum().backward()
+    assert param.grad is not None and float(param.grad) != 0
+
+
+@pytest.mark.parametrize("learnable", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_cast_keeps_the_grid_in_float32(dtype, learnable):
+    fq = FakeQuant(bits=8, axis=0, learnable=learnable)
+    fq.set_range(torch.tensor([-0.0123456 * 127, 0.0]), torch.tensor([0.0123456 * 127, 0.0]))  # channel 1: zero-width
+    scale, param = fq.scale.detach().clone(), fq.scale
+    fq.to(dtype)
+    assert fq.scale.dtype == fq.zero_point.dtype == torch.float32 and torch.equal(fq.scale, scale)
+    assert fq.scale is param or not learnable  # a learnable scale keeps its identity for the optimizer
+    x = torch.randn(2, 8).to(dtype)
+    assert torch.equal(fq(x), fake_quant(x, scale, torch.zeros(2), -127, 127, 0))
+    assert fq.double().scale.dtype == torch.float64
+
+
 def test_state_dict_round_trip_per_channel():
     fq = FakeQuant(bits=4, axis=0, learnable=True)
     w = torch.randn(5, 7)

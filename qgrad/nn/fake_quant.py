@@ -42,7 +42,9 @@ class FakeQuant(nn.Module):
         symmetric: ``True`` fixes ``zero_point = 0`` and uses ``scale = max|x| / quant_max``; ``False`` uses an
             affine unsigned grid ``[0, 2^b - 1]`` with ``scale = (max - min) / (2^b - 1)`` and an integer zero point.
         axis: channel dimension for per-channel grids (e.g. 0 for conv/linear weights), ``None`` for per-tensor.
-        learnable: make ``scale`` an ``nn.Parameter`` trained by the LSQ gradient (Esser et al. 2020).
+        learnable: make ``scale`` an ``nn.Parameter`` trained by the LSQ gradient (Esser et al. 2020). Each
+            forward first clamps it to at least the smallest normal float32, as an optimizer step may have
+            taken it to 0 or below.
         signed: for symmetric grids, whether the grid has negative codes (:func:`quant_range`). ``None`` decides from
             the range it is initialized with: unsigned when that range is non-negative (e.g. after a ReLU).
         grad_scale: LSQ gradient multiplier passed to :func:`qgrad.fake_quant` (default ``1/sqrt(N*quant_max)``).
@@ -52,6 +54,9 @@ class FakeQuant(nn.Module):
     when they are (re)initialized, so an optimizer created before the first forward still trains the scale.
 
     Shape: input of any shape (``x.shape[axis]`` channels when per-channel), output of the same shape and dtype.
+
+    ``scale`` and ``zero_point`` are float32 and stay so when the module is cast to float16 or bfloat16
+    (``model.half()``): the kernels compute in float32 for those inputs, and a rounded grid would move the codes.
     """
 
     def __init__(
@@ -150,6 +155,11 @@ class FakeQuant(nn.Module):
             if x.numel() == 0:
                 raise ValueError("FakeQuant cannot initialize its range from an empty tensor; call set_range first")
             self._init_from(x)
+        if self.learnable:
+            # an optimizer step can take the scale to <= 0; clamp it back in place (through .data, which
+            # leaves autograd's version counter alone) to the float32 minimum: everything then clips, and
+            # the LSQ gradient of the clipped values moves the scale up again
+            self.scale.data.clamp_(min=torch.finfo(torch.float32).tiny)
         return fake_quant(x, self.scale, self.zero_point, self.quant_min, self.quant_max, self.axis, self.grad_scale)
 
     def extra_repr(self) -> str:
@@ -160,6 +170,18 @@ class FakeQuant(nn.Module):
         )
 
     # ------------------------------------------------------------------ state
+    def _apply(self, fn, recurse=True):
+        # .half(), .bfloat16() and .to(float16) would round the grid (a scale of 0.0123456 moves the code
+        # boundaries; the float32 minimum scale of an all-zero range becomes 0) while the kernels compute in
+        # float32 for those inputs anyway: scale and zero_point stay float32 (or float64 after .double())
+        kept = {name: getattr(self, name).data for name in ("scale", "zero_point")}
+        super()._apply(fn, recurse)
+        for name, old in kept.items():
+            new = getattr(self, name)
+            if old.dtype == torch.float32 and new.dtype in (torch.float16, torch.bfloat16):
+                new.data = old.to(new.device)
+        return self
+
     def get_extra_state(self) -> Dict[str, Any]:
         return {"initialized": self.initialized, "signed": self.signed}
 
