@@ -268,6 +268,33 @@ def test_bn_range_rules_for_functional_ops():
     assert r["conv_pad"] == pytest.approx((0.0, 1.7))
 
 
+@pytest.mark.parametrize("act", ["relu_", "silu"])
+def test_layers_left_with_a_float_input_are_named_in_a_warning(act, recwarn):
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.c1, self.bn1 = nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)
+            self.c2, self.bn2 = nn.Conv2d(4, 4, 3), nn.BatchNorm2d(4)
+
+        def forward(self, x):
+            h = self.bn1(self.c1(x))
+            h = torch.relu_(h) if act == "relu_" else F.silu(h)  # SiLU has no range rule
+            return self.bn2(self.c2(h))
+
+    net, x = randomize_bn(Net()).eval(), torch.randn(2, 3, 8, 8)
+    q = quantize_model(net, 8, 4)  # c1 reads the network input, which stays float without calib: no warning
+    messages = [str(w.message) for w in recwarn.list if "keep a float input" in str(w.message)]
+    if act == "relu_":
+        assert messages == [] and q.c2.input_quant is not None
+        assert (q.c2.input_quant.quant_min, q.c2.input_quant.quant_max) == (0, 15)
+    else:
+        assert q.c2.input_quant is None
+        assert len(messages) == 1 and "1 of 2 quantized layers" in messages[0] and "(c2)" in messages[0]
+        q = quantize_model(net, 8, 4, calib=x)  # measured: no warning, every input quantized
+        assert len([w for w in recwarn.list if "keep a float input" in str(w.message)]) == 1
+        assert q.c1.input_quant is not None and q.c2.input_quant is not None
+
+
 # ---------------------------------------------------------------------------------------------------- calibration
 def _layer_inputs_seq(model, x):
     """Inputs of the conv/linear layers of an nn.Sequential, computed by slicing the (unfolded, eval) model."""

@@ -49,6 +49,26 @@ def _check_positive(value, name: str) -> float:
     return float(value)
 
 
+def _warn_float_inputs(model, graph, layers, act, act_bits, input_stays_float) -> None:
+    """Warn once about the layers whose input stays float at ``act_bits`` (range unknown, see
+    :func:`quantize_model`), except those reading the network input when that stays float by design."""
+    readers = set()
+    if input_stays_float and graph is not None:
+        for node in graph.nodes:
+            src = node.args[0] if node.args else None
+            if node.op == "call_module" and isinstance(src, torch.fx.Node) and src.op == "placeholder":
+                readers.add(id(model.get_submodule(node.target)))
+    floats = [name for name, layer in layers.items() if name not in act and id(layer) not in readers]
+    if floats:
+        shown = ", ".join(floats[:6]) + (", ..." if len(floats) > 6 else "")
+        warnings.warn(
+            f"{len(floats)} of {len(layers)} quantized layers keep a float input at act_bits={act_bits}, as "
+            f"their input range is unknown ({shown}): an activation without a range rule (e.g. GELU, SiLU) or "
+            "a layer calibration data did not reach. Pass calib=<batches> to measure them",
+            stacklevel=3,
+        )
+
+
 def check_act_range(act_range: str, act_bits: Optional[int], calib) -> None:
     """Raise ``ValueError`` for an unknown ``act_range``, or one that measures data without ``calib``."""
     if act_range not in ACT_RANGES:
@@ -90,7 +110,8 @@ def quantize_model(
        * ``"percentile"``: the ``100 - percentile`` and ``percentile`` percentiles of those inputs (on a random
          subsample of at most 2**20 values per layer, deterministic).
 
-       Layers that the calibration data never reaches keep a float input.
+       Layers that the calibration data never reaches keep a float input. A warning names the layers left with
+       a float input, except, without ``calib``, those that read the network input.
 
     Args:
         model: a float model with conv/linear layers (may contain BatchNorm and already-quantized layers).
@@ -147,6 +168,9 @@ def quantize_model(
         if missing:
             method = "percentile" if act_range == "percentile" else "minmax"
             act.update(calibration_ranges(qmodel, calib, missing, method=method, percentile=percentile))
+
+    if act_bits is not None:
+        _warn_float_inputs(qmodel, graph, layers, act, act_bits, calib is None)
 
     twins: Dict[int, nn.Module] = {}
     for name, layer in layers.items():
