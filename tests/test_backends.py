@@ -85,11 +85,19 @@ def test_non_contiguous_and_channels_last(backend):
     device = _device(backend)
     base = torch.randn(8, 6, 10, 12, device=device)
     views = [base.transpose(1, 3), base[:, ::2, 1::3], base.to(memory_format=torch.channels_last)]
+    zero = torch.tensor(0.0, device=device)
     with B.use_backend(backend):
         for v in views:
-            scale = torch.rand(v.shape[1], device=device) * 0.1 + 0.02
-            y = qgrad.fake_quant(v, scale, 0.0, -7, 7, axis=1)
-            assert torch.equal(y, fake_quant_ref(v, scale, torch.tensor(0.0, device=device), -7, 7, 1))
+            for axis in (1, None):
+                scale = torch.rand(v.shape[1], device=device) * 0.1 + 0.02 if axis else torch.tensor(0.05, device=device)
+                x = v.detach().requires_grad_()
+                y = qgrad.fake_quant(x, scale, 0.0, -7, 7, axis=axis)
+                assert torch.equal(y, fake_quant_ref(v, scale, zero, -7, 7, axis))
+                dy = torch.randn_like(v)
+                (dx,) = torch.autograd.grad(y, x, dy)
+                assert torch.equal(dx, fake_quant_backward_ref(dy, v, scale, zero, -7, 7, axis)[0])
+                if v is not views[1]:  # dense: results in the input's layout, whichever backend ran
+                    assert y.stride() == v.stride() and dx.stride() == v.stride()
 
 
 @pytest.mark.parametrize("backend", _runnable())

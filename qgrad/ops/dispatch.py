@@ -33,6 +33,7 @@ from typing import Callable, Dict, Iterator, NamedTuple, Optional, Tuple
 
 import torch
 
+from qgrad.ops.layout import dense_order, inverse_order
 from qgrad.reference import fake_quant_backward_ref, fake_quant_ref
 
 __all__ = ["backends", "use_backend", "select_backend", "requested_backend", "Backend", "BACKEND_NAMES"]
@@ -76,14 +77,29 @@ def _ext_backend(name: str) -> Tuple[Optional[Backend], str]:
             "toolkit (CUDA_HOME) present: `pip install --no-build-isolation .`"
         )
 
+    # the kernels read contiguous arrays: a dense x in another layout (channels-last, a transpose) runs on
+    # its contiguous permuted view, and y / dx come back in x's layout, as from the other backends
     def fwd(x, scale, zero_point, quant_min, quant_max, axis):
-        return ext.fake_quant_fwd(x, scale, zero_point, quant_min, quant_max, -1 if axis is None else axis)
+        order = dense_order(x)
+        if order is None:
+            return ext.fake_quant_fwd(x, scale, zero_point, quant_min, quant_max, -1 if axis is None else axis)
+        y = ext.fake_quant_fwd(
+            x.permute(order), scale, zero_point, quant_min, quant_max, -1 if axis is None else order.index(axis)
+        )
+        return y.permute(inverse_order(order))
 
     def bwd(dy, x, scale, zero_point, quant_min, quant_max, axis, grad_scale, need_dscale, need_dzp):
-        return ext.fake_quant_bwd(
-            dy, x, scale, zero_point, quant_min, quant_max, -1 if axis is None else axis,
-            grad_scale, need_dscale, need_dzp,
+        order = dense_order(x)
+        if order is None:
+            return ext.fake_quant_bwd(
+                dy, x, scale, zero_point, quant_min, quant_max, -1 if axis is None else axis,
+                grad_scale, need_dscale, need_dzp,
+            )
+        dx, dscale, dzp = ext.fake_quant_bwd(
+            dy.permute(order), x.permute(order), scale, zero_point, quant_min, quant_max,
+            -1 if axis is None else order.index(axis), grad_scale, need_dscale, need_dzp,
         )
+        return dx.permute(inverse_order(order)), dscale, dzp
 
     return Backend(name, fwd, bwd), ""
 

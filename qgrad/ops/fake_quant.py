@@ -258,7 +258,8 @@ def fake_quant(
     differentiable, so ``torch.autograd.grad(..., create_graph=True)`` through it works.
 
     Returns:
-        Tensor of the shape and dtype of ``x`` (contiguous).
+        Tensor of the shape and dtype of ``x``, with ``x``'s strides when ``x`` is dense (contiguous,
+        channels-last, transposed); the gradient w.r.t. ``x`` likewise.
     """
     scale, zero_point, axis = check_fake_quant_args(x, scale, zero_point, quant_min, quant_max, axis)
     if grad_scale is not None:
