@@ -473,6 +473,30 @@ def test_parametrized_weights_are_refused_and_hook_computed_weights_work():
         penalty.backward(F.cross_entropy(net(x), y), lambda: F.cross_entropy(net(x), y))
 
 
+def test_torch_func_transforms_work_on_a_model_with_the_twins():
+    """The twins' autograd Functions have no functorch rules: under torch.func.grad / vmap they run torch's
+    ops, so per-sample gradients of an attached model are those of the torch model."""
+    from torch.func import functional_call, grad, vmap
+
+    x, y = make_batch()
+    net = make_net().eval()
+    params = {k: v.detach() for k, v in net.named_parameters()}
+    buffers = dict(net.named_buffers())
+
+    def per_sample():
+        def loss(p, xi, yi):
+            return F.cross_entropy(functional_call(net, (p, buffers), (xi[None],)), yi[None])
+
+        return vmap(grad(loss), in_dims=(None, 0, 0))(params, x, y)
+
+    expected = per_sample()
+    penalty = L1GradPenalty(net)
+    assert type(net.bn1) is not nn.BatchNorm2d and type(net.conv1) is not nn.Conv2d
+    got = per_sample()
+    assert all(torch.equal(got[k], expected[k]) for k in expected)
+    penalty.remove()
+
+
 # -------------------------------------------------------------------------------------------- hooks / copies
 def test_state_dict_unchanged():
     net = make_net()

@@ -1,5 +1,10 @@
 """In-place class swaps between torch modules and qgrad's twins (same state, different autograd)."""
+import torch
 from torch import nn
+
+#: Whether a torch.func transform (grad, vmap, jacrev, ...) is running. The twins' autograd Functions have no
+#: functorch rules, so under a transform the twins call torch's own ops (same forward, same first gradient).
+functorch_active = getattr(torch._C, "_are_functorch_transforms_active", lambda: False)
 
 
 def swap_classes(model: nn.Module, table: dict) -> nn.Module:

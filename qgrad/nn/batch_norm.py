@@ -10,7 +10,8 @@ bit-identical to torch's module; only the second derivative (what the gradient-n
 :mod:`qgrad.penalties` differentiate) runs through the fused closed form. Setting a module's
 ``fused_double_backward`` attribute to False makes it call ``torch.nn.functional.batch_norm`` instead (same
 outputs and first gradients, torch's double backward); :class:`qgrad.penalties.L1GradPenalty` does so for the
-forwards of the plain steps of ``every > 1``.
+forwards of the plain steps of ``every > 1``. Under a ``torch.func`` transform (``grad``, ``vmap``), whose
+rules qgrad's autograd Functions lack, the modules call torch's function too.
 
 :func:`convert_batchnorm` turns the torch BatchNorms of an existing model into these classes in place, by
 changing the class of each module object: the modules, their parameters and buffers (the same tensor objects,
@@ -28,7 +29,7 @@ from __future__ import annotations
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from qgrad.nn._swap import swap_classes
+from qgrad.nn._swap import functorch_active, swap_classes
 from qgrad.ops.batch_norm import batch_norm
 
 __all__ = ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "convert_batchnorm", "revert_batchnorm"]
@@ -46,7 +47,7 @@ def _forward(self: nn.modules.batchnorm._BatchNorm, input: Tensor) -> Tensor:
     use_batch_stats = self.training or (self.running_mean is None and self.running_var is None)
     # the buffers are passed only where they are read (eval) or updated (training with tracking)
     pass_buffers = not self.training or self.track_running_stats
-    function = batch_norm if self.fused_double_backward else F.batch_norm
+    function = batch_norm if self.fused_double_backward and not functorch_active() else F.batch_norm
     return function(
         input,
         self.running_mean if pass_buffers else None,

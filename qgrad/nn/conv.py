@@ -8,7 +8,7 @@ bit-identical to torch's module; only the second derivative (what the gradient-n
 :mod:`qgrad.penalties` differentiate) runs through the direct formulas of :mod:`qgrad.ops.conv`. String
 padding (``"same"``, ``"valid"``) is passed to torch's own forward unchanged, and so is every input of a
 module whose ``fused_double_backward`` attribute is False (:class:`qgrad.penalties.L1GradPenalty` sets it for
-the forwards of the plain steps of ``every > 1``).
+the forwards of the plain steps of ``every > 1``) and every input under a ``torch.func`` transform.
 
 Under autocast the forward casts its floating-point inputs (except float64) to the autocast dtype and
 computes in it, the cast torch's autocast applies to a convolution.
@@ -26,7 +26,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from qgrad.nn._swap import swap_classes
+from qgrad.nn._swap import functorch_active, swap_classes
 from qgrad.ops.conv import conv
 
 __all__ = ["Conv1d", "Conv2d", "Conv3d", "convert_conv", "revert_conv"]
@@ -35,7 +35,7 @@ __all__ = ["Conv1d", "Conv2d", "Conv3d", "convert_conv", "revert_conv"]
 def _conv_forward(
     self: nn.modules.conv._ConvNd, input: Tensor, weight: Tensor, bias: Optional[Tensor]
 ) -> Tensor:
-    if isinstance(self.padding, str) or not self.fused_double_backward:
+    if isinstance(self.padding, str) or not self.fused_double_backward or functorch_active():
         return super(type(self), self)._conv_forward(input, weight, bias)
     padding = self.padding
     if self.padding_mode != "zeros":
