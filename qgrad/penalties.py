@@ -62,14 +62,16 @@ import torch
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
-from qgrad.nn.batch_norm import convert_batchnorm, revert_batchnorm
-from qgrad.nn.conv import convert_conv, revert_conv
+from qgrad.nn.batch_norm import BatchNorm1d, BatchNorm2d, BatchNorm3d, convert_batchnorm, revert_batchnorm
+from qgrad.nn.conv import Conv1d, Conv2d, Conv3d, convert_conv, revert_conv
 from qgrad.ops.l1_norm import add_scaled_sign, l1_norm_sign, multi_l1_norm
 
 __all__ = ["L1GradPenalty", "L2GradPenalty", "OrthogonalityPenalty"]
 
 _LAYER_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
 _LAYER_NAMES = "nn.Conv1d/2d/3d or nn.Linear"
+_BATCHNORM_TWINS = (BatchNorm1d, BatchNorm2d, BatchNorm3d)
+_CONV_TWINS = (Conv1d, Conv2d, Conv3d)
 
 
 # --------------------------------------------------------------------------------------------- validation
@@ -375,6 +377,16 @@ class _Penalty:
 
     def __enter__(self):
         return self
+
+    def __reduce_ex__(self, protocol):
+        # a copy would hold the same model without hooks of its own, and so would never record anything
+        raise TypeError(
+            f"{type(self).__name__} objects are tied to their model through hooks and cannot be copied or "
+            "pickled; copy or save the model (its state_dict), then create a new penalty for it"
+        )
+
+    def __deepcopy__(self, memo):
+        self.__reduce_ex__(None)
 
     def __exit__(self, *exc) -> None:
         self.remove()
@@ -827,7 +839,9 @@ class L1GradPenalty(_GradNormPenalty):
         through qgrad's formulas (BatchNorm: a fused closed form; convolutions: regular input/weight-gradient
         kernels instead of PyTorch's batch-as-channel convolution). :meth:`remove` (and dropping the
         penalty) reverts the modules this penalty converted. A deep copy of the model taken meanwhile holds
-        the qgrad classes; they behave as torch's. Subclasses (e.g. qgrad's quantized layers) keep theirs.
+        the qgrad classes; they behave as torch's (PTQ and ``torch.func`` included), and a penalty attached
+        to the copy uses them as its own (its :meth:`remove` leaves their class). Subclasses (e.g. qgrad's
+        quantized layers) keep theirs. A penalty itself cannot be copied or pickled.
         ``method="worst-case"`` never differentiates twice and so swaps nothing.
 
     Cheaper modes
@@ -967,6 +981,15 @@ class L1GradPenalty(_GradNormPenalty):
             self._convert(convert_batchnorm, revert_batchnorm)
         if fused_conv and method == "exact":
             self._convert(convert_conv, revert_conv)
+        # twins already in the model (qgrad.nn modules, or a copy taken while another penalty was attached,
+        # which may carry that penalty's plain-step setting) are this penalty's too; remove() keeps their class
+        kinds = (_BATCHNORM_TWINS if fused_batchnorm else ()) + (_CONV_TWINS if fused_conv else ())
+        adopted = [m for m in self.model.modules() if type(m) in kinds and not any(m is t for t in self._twins)]
+        if adopted and method == "exact":
+            for m in adopted:
+                _plain_twin(m, None)
+            self._twins += adopted
+            self._undo.append(lambda: [_plain_twin(m, None) for m in adopted])
 
     # ------------------------------------------------------------------ module swaps
     def _convert(self, convert: Callable[[nn.Module], nn.Module], revert: Callable[[nn.Module], nn.Module]):

@@ -550,6 +550,30 @@ def test_deepcopy_and_pickle_at_any_point_of_a_step(moment):
             assert own(F.cross_entropy(other(x2), y2)).item() == pytest.approx(expected, rel=1e-12)
 
 
+def test_penalties_refuse_copies_and_a_new_penalty_adopts_copied_twins():
+    net = make_net()
+    x, y = make_batch()
+    penalty = L1GradPenalty(net, weight=0.1, activation=0.1, every=2)
+    for make in (L2GradPenalty, OrthogonalityPenalty):
+        with pytest.raises(TypeError, match="cannot be copied or pickled"):
+            copy.deepcopy(make(net))
+    with pytest.raises(TypeError, match="L1GradPenalty objects are tied to their model"):
+        copy.deepcopy(penalty)
+    with pytest.raises(TypeError, match="cannot be copied or pickled"):
+        torch.save(penalty, io.BytesIO())
+    penalty.backward(F.cross_entropy(net(x), y))
+    net(x)  # the next step is plain: the twins switch to torch's double backward
+    clone = copy.deepcopy(net)  # keeps the twin classes and that setting
+    penalty.remove()
+    twins = [m for m in clone.modules() if "fused_double_backward" in vars(m)]
+    assert len(twins) == 3 and not any(m.fused_double_backward for m in twins)  # conv1, bn1, bn2
+    own = L1GradPenalty(clone, weight=0.1, activation=0.1)
+    assert all(m.fused_double_backward for m in twins)  # adopted, with the fused double backward on
+    assert own(F.cross_entropy(clone(x), y)).item() > 0
+    own.remove()
+    assert all(m.fused_double_backward and "fused_double_backward" not in vars(m) for m in twins)
+
+
 def test_remove_context_manager_and_garbage_collection_restore_hooks():
     net = make_net()
     x, y = make_batch()
