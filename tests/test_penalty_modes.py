@@ -623,6 +623,26 @@ def test_worst_case_replay_ignores_a_no_grad_forward_in_between(mode):
     assert all(torch.equal(a, b) for a, b in zip(grads, grads_between))
 
 
+def test_worst_case_warns_once_when_half_precision_rounds_h_away(recwarn):
+    model = nn.Sequential(nn.Linear(5, 8), nn.Tanh(), nn.Linear(8, 3))
+    x, y = torch.randn(7, 5), torch.randint(0, 3, (7,))
+
+    def closure():
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            return F.cross_entropy(model(x), y)
+
+    def messages():
+        return [w for w in recwarn.list if "mostly rounded away" in str(w.message)]
+
+    for autocast, kwargs, expected in ((False, {}, 0), (True, dict(bits=4), 0), (True, dict(h=0.1), 0),
+                                       (True, {}, 1)):
+        penalty = L1GradPenalty(model, weight=0.1, activation=0.1, method="worst-case", **kwargs)
+        for _ in range(2):
+            penalty.backward(closure(), closure)
+        assert len(messages()) == expected, (autocast, kwargs)
+        penalty.remove()
+
+
 def test_worst_case_errors_leave_the_model_unchanged():
     model, x, y = make_residual(torch.tanh)
     before = {k: v.clone() for k, v in model.state_dict().items()}
