@@ -444,6 +444,18 @@ def test_none_bits_keep_float():
     assert all(m.input_quant is None and m.weight_quant is not None for m in quant_layers(qa).values())
 
 
+def test_non_finite_weights_or_calibration_data_name_the_layer():
+    net = seq_net().eval()
+    with torch.no_grad():
+        net[4].weight[0, 0, 0, 0] = float("nan")
+    with pytest.raises(ValueError, match="layer '4': cannot quantize its weight"):
+        quantize_model(net, 4, 4)
+    x = torch.randn(2, 3, 8, 8)
+    x[0, 0, 0, 0] = float("inf")
+    with pytest.raises(ValueError, match="layer '0': cannot quantize its input"):
+        quantize_model(seq_net().eval(), 4, 4, act_range="minmax", calib=x)
+
+
 def test_quantize_model_errors():
     net = ResBlockNet().eval()
     snap = snapshot(net)

@@ -63,8 +63,9 @@ def _warn_float_inputs(model, graph, layers, act, act_bits, input_stays_float) -
         shown = ", ".join(floats[:6]) + (", ..." if len(floats) > 6 else "")
         warnings.warn(
             f"{len(floats)} of {len(layers)} quantized layers keep a float input at act_bits={act_bits}, as "
-            f"their input range is unknown ({shown}): an activation without a range rule (e.g. GELU, SiLU) or "
-            "a layer calibration data did not reach. Pass calib=<batches> to measure them",
+            f"their input range is unknown ({shown}): no BatchNorm range reaches them (a layer without "
+            "BatchNorm before it, an activation without a range rule such as GELU or SiLU), or calibration "
+            "data did not. Pass calib=<batches> to measure them",
             stacklevel=3,
         )
 
@@ -175,10 +176,19 @@ def quantize_model(
     twins: Dict[int, nn.Module] = {}
     for name, layer in layers.items():
         if id(layer) not in twins:  # a layer shared under several names gets one twin (first name's range)
-            wq = None if weight_bits is None else weight_quantizer(layer.weight, weight_bits, per_channel_weights)
+            try:
+                wq = None if weight_bits is None else weight_quantizer(layer.weight, weight_bits, per_channel_weights)
+            except ValueError as err:
+                raise ValueError(f"layer {name!r}: cannot quantize its weight ({err}): NaN or inf in it?") from err
             iq = None
             if act_bits is not None and name in act:
-                iq = activation_quantizer(act_bits, *act[name], device=layer.weight.device)
+                try:
+                    iq = activation_quantizer(act_bits, *act[name], device=layer.weight.device)
+                except ValueError as err:
+                    raise ValueError(
+                        f"layer {name!r}: cannot quantize its input ({err}): NaN or inf in the calibration data, "
+                        "or in the BatchNorm parameters its range comes from?"
+                    ) from err
             twins[id(layer)] = QUANT_TWINS[type(layer)].from_float(layer, weight_quant=wq, input_quant=iq)
         replace_module(qmodel, name, twins[id(layer)])
     return qmodel.eval()
