@@ -379,6 +379,9 @@ class _Penalty:
     def __enter__(self):
         return self
 
+    def __exit__(self, *exc) -> None:
+        self.remove()
+
     def __reduce_ex__(self, protocol):
         # a copy would hold the same model without hooks of its own, and so would never record anything
         raise TypeError(
@@ -388,9 +391,6 @@ class _Penalty:
 
     def __deepcopy__(self, memo):
         self.__reduce_ex__(None)
-
-    def __exit__(self, *exc) -> None:
-        self.remove()
 
 
 # --------------------------------------------------------------------------------------------- gradient norms
