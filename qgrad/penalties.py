@@ -992,9 +992,11 @@ class L1GradPenalty(_GradNormPenalty):
         if fused_conv and method == "exact":
             self._convert(convert_conv, revert_conv)
         # twins already in the model (qgrad.nn modules, or a copy taken while another penalty was attached,
-        # which may carry that penalty's plain-step setting) are this penalty's too; remove() keeps their class
+        # which may carry that penalty's plain-step setting) are this penalty's too; remove() keeps their
+        # class
         kinds = (_BATCHNORM_TWINS if fused_batchnorm else ()) + (_CONV_TWINS if fused_conv else ())
-        adopted = [m for m in self.model.modules() if type(m) in kinds and not any(m is t for t in self._twins)]
+        converted = {id(m) for m in self._twins}
+        adopted = [m for m in self.model.modules() if type(m) in kinds and id(m) not in converted]
         if adopted and method == "exact":
             for m in adopted:
                 _plain_twin(m, None)
@@ -1023,9 +1025,10 @@ class L1GradPenalty(_GradNormPenalty):
         if dtype in (torch.float16, torch.bfloat16) and self._h < 8 * torch.finfo(dtype).eps:
             self._warned_resolution = True
             warnings.warn(
-                f"method='worst-case' with h={self._h:g} runs its second forward in {dtype}, whose spacing near "
-                f"1 is {torch.finfo(dtype).eps:g}: the perturbation is mostly rounded away and the penalty is "
-                "biased (see the L1GradPenalty docstring). Use bits=<target bit-width> or a larger h",
+                f"method='worst-case' with h={self._h:g} runs its second forward in {dtype}, whose spacing "
+                f"near 1 is {torch.finfo(dtype).eps:g}: the perturbation is mostly rounded away and the "
+                "penalty is biased (see the L1GradPenalty docstring). Use bits=<target bit-width> or a "
+                "larger h",
                 stacklevel=4,
             )
 
@@ -1035,7 +1038,7 @@ class L1GradPenalty(_GradNormPenalty):
             self._check_resolution()
             return
         self._fresh = True
-        if self._method == "worst-case" and torch.is_grad_enabled():  # a no_grad forward has no loss to penalize
+        if self._method == "worst-case" and torch.is_grad_enabled():  # no_grad: no loss to penalize
             self._rng = _rng_states(self.model)
         elif self._every > 1:
             # a forward whose step will be plain runs torch's own BatchNorm and convolution: the twins'
@@ -1196,8 +1199,8 @@ class L1GradPenalty(_GradNormPenalty):
             raise RuntimeError(
                 "method='worst-case' moves the weights in place, but "
                 + (f"the weight of layer {names[0]!r} is" if names else "a regularized weight is")
-                + " computed from other tensors (recomputed at every forward by a weight_norm or spectral_norm "
-                "hook?); use method='exact', or weight=0"
+                + " computed from other tensors (recomputed at every forward by a weight_norm or "
+                "spectral_norm hook?); use method='exact', or weight=0"
             )
         targets = _unique([p for p in self.model.parameters() if p.requires_grad] + weights)
         position = {id(t): i for i, t in enumerate(targets)}

@@ -110,7 +110,8 @@ class TrainConfig:
             tensor; ``None`` uses the penalty's default radius ``h``.
         penalty_epochs: regularize only in the last ``penalty_epochs`` epochs. Ignored when ``init`` is given:
             a run from ``init`` is a fine-tuning phase and regularizes throughout.
-        init: a ``checkpoint.pt`` or ``model.pt`` to start from (weights only; fresh optimizer and schedule).
+        init: a ``checkpoint.pt`` or ``model.pt``, or a run directory (its ``model.pt``), to start from
+            (weights only; fresh optimizer and schedule).
         out: the run directory.
         seed: seeds the model initialization and the data order/augmentation.
         device: ``"auto"`` (CUDA when available, else CPU), or any ``torch.device`` string.
@@ -245,6 +246,10 @@ def _atomic_write(path: Path, write) -> None:
     path = Path(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        # mkstemp creates the file owner-only (0600); give it the mode open() would (0666 less the umask)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
         with os.fdopen(fd, "wb") as f:
             write(f)
             f.flush()
@@ -278,6 +283,8 @@ def load_checkpoint(path: Union[str, os.PathLike]) -> Dict[str, Any]:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except (pickle.UnpicklingError, zipfile.BadZipFile, EOFError, RuntimeError, ValueError, OSError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        if first.startswith("Weights only load failed"):  # torch's advice to unpickle anything does not apply
+            first = "not a file of tensors (torch.load with weights_only=True refused it)"
         raise CheckpointError(
             f"cannot read checkpoint {path}: {first} "
             "(expected a file written by qgrad train: checkpoint.pt or model.pt)"
@@ -582,6 +589,8 @@ def train(
     if not isinstance(config, TrainConfig):
         raise TypeError(f"config must be a TrainConfig, got {type(config).__name__}")
     _check_config(config)
+    if config.data_root is not None:  # stored in the run: valid for sweep / resume from another directory
+        config = dataclasses.replace(config, data_root=os.path.abspath(config.data_root))
     if stop_after is not None and (
         isinstance(stop_after, bool) or not isinstance(stop_after, int) or stop_after < 1
     ):
@@ -596,7 +605,9 @@ def train(
             "resume it with --resume or choose another --out"
         )
     # Read init before the data, so that an unusable file fails fast.
-    init_state = load_checkpoint(config.init) if config.init is not None and not resume else None
+    init_state = None
+    if config.init is not None and not resume:
+        init_state = load_checkpoint(find_checkpoint(config.init))
     processes, device = join(resolve_device(config.device))
     try:
         return _run(config, resume, stop_after, init_state, processes, device, progress)
@@ -695,6 +706,13 @@ def _run(config, resume, stop_after, init_state, processes, device, progress) ->
         net = nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
 
     penalty_start = 0 if cfg.init is not None else max(0, cfg.epochs - cfg.penalty_epochs)
+    if main and cfg.penalty != "none" and cfg.init is None and penalty_start == 0 and start_epoch == 0:
+        logger.warning(
+            "the %s penalty is on from the first epoch (penalty_epochs %d >= epochs %d), with no plain "
+            "training first: a penalty on an untrained model can keep it near chance (see the README). "
+            "Lower --penalty-epochs, or fine-tune a trained model with --init",
+            cfg.penalty, cfg.penalty_epochs, cfg.epochs,
+        )
     end_epoch = cfg.epochs if stop_after is None else min(cfg.epochs, start_epoch + stop_after)
     penalty = None
     try:

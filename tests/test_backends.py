@@ -89,7 +89,8 @@ def test_non_contiguous_and_channels_last(backend):
     with B.use_backend(backend):
         for v in views:
             for axis in (1, None):
-                scale = torch.rand(v.shape[1], device=device) * 0.1 + 0.02 if axis else torch.tensor(0.05, device=device)
+                scale = torch.rand(v.shape[1], device=device) * 0.1 + 0.02 if axis else torch.tensor(0.05)
+                scale = scale.to(device)
                 x = v.detach().requires_grad_()
                 y = qgrad.fake_quant(x, scale, 0.0, -7, 7, axis=axis)
                 assert torch.equal(y, fake_quant_ref(v, scale, zero, -7, 7, axis))

@@ -159,6 +159,16 @@ def test_parse_config():
         parse_config("1,4")
 
 
+def test_sweep_on_a_dataset_the_model_does_not_fit_is_a_one_line_error(run_dir, tmp_path, capsys):
+    from test_data import write_cifar
+
+    write_cifar(tmp_path / "cifar")
+    argv = ["sweep", str(run_dir), "--dataset", "cifar10", "--data-root", str(tmp_path / "cifar")]
+    assert main(argv + ["--no-progress"]) == 1
+    err = capsys.readouterr().err
+    assert "model for digits (in_channels 1), which does not fit cifar10 (in_channels 3)" in err
+
+
 def test_sweep_of_a_missing_run_is_a_runtime_error(tmp_path, capsys):
     assert main(["sweep", str(tmp_path / "nothing")]) == 1
     assert str(tmp_path / "nothing") in capsys.readouterr().err

@@ -98,7 +98,8 @@ def test_learnable_scale_pushed_below_zero_is_clamped_not_an_error():
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_half_precision_cast_keeps_the_grid_in_float32(dtype, learnable):
     fq = FakeQuant(bits=8, axis=0, learnable=learnable)
-    fq.set_range(torch.tensor([-0.0123456 * 127, 0.0]), torch.tensor([0.0123456 * 127, 0.0]))  # channel 1: zero-width
+    amax = torch.tensor([0.0123456 * 127, 0.0])  # channel 1: a zero-width range
+    fq.set_range(-amax, amax)
     scale, param = fq.scale.detach().clone(), fq.scale
     fq.to(dtype)
     assert fq.scale.dtype == fq.zero_point.dtype == torch.float32 and torch.equal(fq.scale, scale)

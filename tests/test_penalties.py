@@ -451,7 +451,8 @@ def test_parametrized_weights_are_refused_and_hook_computed_weights_work():
         net = make_net()
         parametrize(net.conv1)
         before = hook_counts(net)
-        for make, kwargs in ((L1GradPenalty, {}), (L1GradPenalty, dict(method="worst-case")), (L2GradPenalty, {})):
+        makers = ((L1GradPenalty, {}), (L1GradPenalty, dict(method="worst-case")), (L2GradPenalty, {}))
+        for make, kwargs in makers:
             with pytest.raises(ValueError, match="weight of layer 'conv1' is computed by a parametrization"):
                 make(net, **kwargs)
         assert hook_counts(net) == before

@@ -384,7 +384,8 @@ def test_model_with_an_attached_penalty_quantizes_like_the_torch_model(act_range
     assert type(net.conv1) is not nn.Conv2d  # the twin
     for model in (net, copy.deepcopy(net)):
         q = quantize_model(model, 4, 4, act_range=act_range, calib=calib)
-        assert sorted(type(m).__name__ for m in quant_layers(q).values()) == ["QuantConv2d"] * 4 + ["QuantLinear"]
+        kinds = sorted(type(m).__name__ for m in quant_layers(q).values())
+        assert kinds == ["QuantConv2d"] * 4 + ["QuantLinear"]
         assert torch.equal(q(x), expected)
         assert torch.equal(prepare_qat(model, 4, 4)(x), expected_qat)
     penalty.remove()

@@ -5,6 +5,7 @@ All runs use scikit-learn's digits and a VGG-like at width 1/16, so each epoch t
 
 import dataclasses
 import json
+import os
 import shutil
 
 import pytest
@@ -13,6 +14,7 @@ from torch import nn
 
 import qgrad.data
 import qgrad.models
+import qgrad.training
 from qgrad.data import DeviceLoader
 from qgrad.training import (
     CheckpointError,
@@ -62,6 +64,10 @@ def _copy_stopped(runs, tmp_path):
 
 def test_run_writes_loadable_checkpoint_and_metrics(runs):
     run_dir = runs["full"]
+    umask = os.umask(0)
+    os.umask(umask)
+    for name in ("config.json", "metrics.jsonl", "checkpoint.pt", "model.pt"):  # as open() would create them
+        assert (run_dir / name).stat().st_mode & 0o777 == 0o666 & ~umask, name
     ckpt = torch.load(run_dir / "checkpoint.pt", weights_only=True)
     assert ckpt["epoch"] == 2
     assert set(ckpt) >= {"model", "optimizer", "scheduler", "epoch", "rng", "config", "best", "last"}
@@ -227,6 +233,21 @@ def test_missing_cifar10_directory_is_a_clear_error(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+def test_a_relative_data_root_is_stored_absolute(tmp_path, monkeypatch):
+    from test_data import write_cifar
+
+    write_cifar(tmp_path / "data" / "cifar")
+    monkeypatch.chdir(tmp_path / "data")
+    cfg = TrainConfig(**{**TINY, "dataset": "cifar10", "batch_size": 10}, data_root="cifar", epochs=1,
+                      out=str(tmp_path / "run"))
+    train(cfg, progress=False)
+    stored = json.loads((tmp_path / "run" / "config.json").read_text())["data_root"]
+    assert stored == str(tmp_path / "data" / "cifar")
+    monkeypatch.chdir(tmp_path)  # the run's data is still found from elsewhere
+    model, config = load_model(tmp_path / "run")
+    assert qgrad.data.load(config["dataset"], root=config["data_root"]).num_classes == 10
+
+
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(runs, tmp_path, monkeypatch):
     run_dir = _copy_stopped(runs, tmp_path)
     before = (run_dir / "checkpoint.pt").read_bytes()
@@ -247,10 +268,14 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(runs, tmp_path
 
 
 @pytest.mark.parametrize("penalty, lam", [("l1", 0.005), ("l2", 0.05), ("dq", 0.05)])
-def test_lambda_defaults_to_the_papers_except_l1_on_digits(tmp_path, penalty, lam):
+def test_lambda_defaults_to_the_papers_except_l1_on_digits(tmp_path, penalty, lam, monkeypatch):
     cfg = TrainConfig(**TINY, epochs=1, penalty=penalty, penalty_epochs=1, out=str(tmp_path / penalty))
     assert cfg.lam is None
+    warned = []  # the command line's logging setup may keep records from pytest's handlers
+    monkeypatch.setattr(qgrad.training.logger, "warning", lambda msg, *args: warned.append(msg % args))
     result = train(cfg, progress=False)
+    # one epoch, penalized: there was no plain training first
+    assert len(warned) == 1 and "on from the first epoch (penalty_epochs 1 >= epochs 1)" in warned[0]
     assert json.loads((tmp_path / penalty / "config.json").read_text())["lam"] == lam
     assert result["penalty"] == pytest.approx(lam * sum(result["penalty_terms"].values()), rel=1e-5)
 

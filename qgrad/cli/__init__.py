@@ -91,7 +91,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     try:
         return int(args.run(args) or 0)
     except KeyboardInterrupt:
-        print(f"qgrad {args.command}: interrupted", file=sys.stderr)
+        hint = "; --resume continues from the last finished epoch" if args.command == "train" else ""
+        print(f"qgrad {args.command}: interrupted{hint}", file=sys.stderr)
         return 130
     except EXPECTED_ERRORS as e:
         if debug:

@@ -195,7 +195,8 @@ def _run(args, out: Path, device, epochs: int, ft_epochs: int, configs) -> int:
     dataset = load(DATASET)
     print(
         f"qgrad demo: {MODEL} (width {args.width}) on {DATASET} ({len(dataset.train_y)} train / "
-        f"{len(dataset.test_y)} test images), seed {args.seed}, device {device}"
+        f"{len(dataset.test_y)} test images), seed {args.seed}, device {device}",
+        flush=True,  # progress lines reach a log file as they happen
     )
     common = dict(
         model=MODEL,
@@ -252,7 +253,8 @@ def _run(args, out: Path, device, epochs: int, ft_epochs: int, configs) -> int:
         t0 = time.perf_counter()
         result = train(config, progress=progress)
         summary[key] = {"test_acc": result["test_acc"], "seconds": time.perf_counter() - t0}
-        print(f"[{i}/{total}] {text}: test acc {result['test_acc']:.2f}% ({summary[key]['seconds']:.0f} s)")
+        seconds = summary[key]["seconds"]
+        print(f"[{i}/{total}] {text}: test acc {result['test_acc']:.2f}% ({seconds:.0f} s)", flush=True)
 
     t0 = time.perf_counter()
     rows = {}

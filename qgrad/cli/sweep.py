@@ -147,6 +147,12 @@ def run(args: argparse.Namespace) -> int:
     if root is None and name == config["dataset"]:
         root = config.get("data_root")
     dataset = load(name, root=root)
+    for key, value in (("in_channels", dataset.in_channels), ("num_classes", dataset.num_classes)):
+        if config.get(key) not in (None, value):
+            raise ValueError(
+                f"{file} holds a model for {config['dataset']} ({key} {config[key]}), which does not fit "
+                f"{name} ({key} {value}); sweep it on its own dataset"
+            )
     rows = run_sweep(
         model,
         dataset,

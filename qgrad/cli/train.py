@@ -46,7 +46,7 @@ _OPTIONS = (
         int,
         "regularize only in the last N epochs (with --init the whole run is regularized)",
     ),
-    ("--init", "init", str, "start from the weights of this checkpoint.pt/model.pt (a fine-tuning run)"),
+    ("--init", "init", str, "start from the weights of this model.pt/checkpoint.pt or run directory"),
     ("--seed", "seed", int, "seed of the initialization and the data order/augmentation"),
     (
         "--device",

@@ -56,7 +56,8 @@ class FakeQuant(nn.Module):
     Shape: input of any shape (``x.shape[axis]`` channels when per-channel), output of the same shape and dtype.
 
     ``scale`` and ``zero_point`` are float32 and stay so when the module is cast to float16 or bfloat16
-    (``model.half()``): the kernels compute in float32 for those inputs, and a rounded grid would move the codes.
+    (``model.half()``): the kernels compute in float32 for those inputs, and a rounded grid would move the
+    codes.
     """
 
     def __init__(

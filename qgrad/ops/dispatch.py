@@ -67,6 +67,14 @@ def _load_ext():
     return _C, ""
 
 
+def _ext_axis(axis: Optional[int], order: Optional[Tuple[int, ...]] = None) -> int:
+    """The extension's channel axis: -1 for per-tensor; on the permuted view ``x.permute(order)``, where
+    ``axis`` went."""
+    if axis is None:
+        return -1
+    return axis if order is None else order.index(axis)
+
+
 def _ext_backend(name: str) -> Tuple[Optional[Backend], str]:
     ext, why = _load_ext()
     if ext is None:
@@ -82,9 +90,9 @@ def _ext_backend(name: str) -> Tuple[Optional[Backend], str]:
     def fwd(x, scale, zero_point, quant_min, quant_max, axis):
         order = dense_order(x)
         if order is None:
-            return ext.fake_quant_fwd(x, scale, zero_point, quant_min, quant_max, -1 if axis is None else axis)
+            return ext.fake_quant_fwd(x, scale, zero_point, quant_min, quant_max, _ext_axis(axis))
         y = ext.fake_quant_fwd(
-            x.permute(order), scale, zero_point, quant_min, quant_max, -1 if axis is None else order.index(axis)
+            x.permute(order), scale, zero_point, quant_min, quant_max, _ext_axis(axis, order)
         )
         return y.permute(inverse_order(order))
 
@@ -92,12 +100,12 @@ def _ext_backend(name: str) -> Tuple[Optional[Backend], str]:
         order = dense_order(x)
         if order is None:
             return ext.fake_quant_bwd(
-                dy, x, scale, zero_point, quant_min, quant_max, -1 if axis is None else axis,
+                dy, x, scale, zero_point, quant_min, quant_max, _ext_axis(axis),
                 grad_scale, need_dscale, need_dzp,
             )
         dx, dscale, dzp = ext.fake_quant_bwd(
             dy.permute(order), x.permute(order), scale, zero_point, quant_min, quant_max,
-            -1 if axis is None else order.index(axis), grad_scale, need_dscale, need_dzp,
+            _ext_axis(axis, order), grad_scale, need_dscale, need_dzp,
         )
         return dx.permute(inverse_order(order)), dscale, dzp
 

@@ -29,9 +29,9 @@ __all__ = ["fold_bn", "fold_bn_pair", "fold_bn_inplace"]
 def fold_bn_pair(layer: nn.Module, bn: nn.modules.batchnorm._BatchNorm) -> None:
     """Fold the running statistics and affine parameters of ``bn`` into ``layer`` (in place).
 
-    ``layer`` is a conv or linear whose output channels (axis 0 of its weight) are ``bn``'s features. The layer
-    gets new ``weight`` and ``bias`` Parameters (a layer without bias gets one), so a weight it shared with
-    another layer (tied weights, each layer followed by its own BatchNorm) is folded for this layer only.
+    ``layer`` is a conv or linear whose output channels (axis 0 of its weight) are ``bn``'s features. The
+    layer gets new ``weight`` and ``bias`` Parameters (a layer without bias gets one), so a weight it shared
+    with another layer (tied weights, each layer followed by its own BatchNorm) is folded for this layer only.
     ``bn`` itself is left unchanged; the caller removes it from the model.
     """
     w = layer.weight

@@ -73,10 +73,13 @@ def _warn_float_inputs(model, graph, layers, act, act_bits, input_stays_float) -
 def check_act_range(act_range: str, act_bits: Optional[int], calib) -> None:
     """Raise ``ValueError`` for an unknown ``act_range``, or one that measures data without ``calib``."""
     if act_range not in ACT_RANGES:
-        raise ValueError(f"act_range must be one of {', '.join(repr(a) for a in ACT_RANGES)}, got {act_range!r}")
+        choices = ", ".join(repr(a) for a in ACT_RANGES)
+        raise ValueError(f"act_range must be one of {choices}, got {act_range!r}")
     if act_bits is not None and act_range != "bn" and calib is None:
-        raise ValueError(f"act_range={act_range!r} measures activations on data: pass calib=<batch or batches>, "
-                         "or use act_range='bn'")
+        raise ValueError(
+            f"act_range={act_range!r} measures activations on data: pass calib=<batch or batches>, "
+            "or use act_range='bn'"
+        )
 
 
 def quantize_model(
@@ -176,18 +179,20 @@ def quantize_model(
     twins: Dict[int, nn.Module] = {}
     for name, layer in layers.items():
         if id(layer) not in twins:  # a layer shared under several names gets one twin (first name's range)
+            wq = iq = None
             try:
-                wq = None if weight_bits is None else weight_quantizer(layer.weight, weight_bits, per_channel_weights)
+                if weight_bits is not None:
+                    wq = weight_quantizer(layer.weight, weight_bits, per_channel_weights)
             except ValueError as err:
-                raise ValueError(f"layer {name!r}: cannot quantize its weight ({err}): NaN or inf in it?") from err
-            iq = None
+                message = f"layer {name!r}: cannot quantize its weight ({err}): NaN or inf in it?"
+                raise ValueError(message) from err
             if act_bits is not None and name in act:
                 try:
                     iq = activation_quantizer(act_bits, *act[name], device=layer.weight.device)
                 except ValueError as err:
                     raise ValueError(
-                        f"layer {name!r}: cannot quantize its input ({err}): NaN or inf in the calibration data, "
-                        "or in the BatchNorm parameters its range comes from?"
+                        f"layer {name!r}: cannot quantize its input ({err}): NaN or inf in the calibration "
+                        "data, or in the BatchNorm parameters its range comes from?"
                     ) from err
             twins[id(layer)] = QUANT_TWINS[type(layer)].from_float(layer, weight_quant=wq, input_quant=iq)
         replace_module(qmodel, name, twins[id(layer)])

@@ -86,7 +86,8 @@ def _const(c: float) -> Interval:
 # are the ones that matter; the squashing ones come for free.
 _MONOTONE_MODULES = (nn.ReLU, nn.ReLU6, nn.Hardtanh, nn.Sigmoid, nn.Tanh, nn.Hardsigmoid)
 _MONOTONE_FUNCTIONS = {
-    F.relu, torch.relu, F.relu_, torch.relu_, F.relu6, F.hardtanh, torch.sigmoid, F.sigmoid, torch.tanh, F.tanh, F.hardsigmoid,
+    F.relu, torch.relu, F.relu_, torch.relu_, F.relu6, F.hardtanh, torch.sigmoid, F.sigmoid, torch.tanh,
+    F.tanh, F.hardsigmoid,
     torch.clamp, torch.clip, F.leaky_relu,
 }
 _MONOTONE_METHODS = {"relu", "relu_", "sigmoid", "tanh", "clamp", "clamp_", "clip", "clip_"}
