@@ -73,8 +73,8 @@ def plot_sweeps(
     metrics: Sequence[str] = ("accuracy", "kl"),
     title: Optional[str] = None,
 ):
-    """Draw one panel per metric, the configurations along x (in the order they first appear, float first),
-    one line per series; save it to ``path`` when given (the format follows the suffix: .png, .pdf, .svg).
+    """Draw one panel per metric, the configurations along x (float first, then by weight bits and activation
+    bits, both descending), one line per series; save it to ``path`` when given (the format follows the suffix: .png, .pdf, .svg).
 
     Args:
         series: name -> sweep rows (each a mapping with ``weight_bits``, ``act_bits`` and the metrics).
@@ -103,7 +103,9 @@ def plot_sweeps(
             table[name][config] = row
             if config not in configs:
                 configs.append(config)
-    configs.sort(key=lambda c: c != (None, None))  # float first, the others as they came
+    # float first, then from the finest grid to the coarsest, as sweeps list them (a side kept float ranks
+    # above every bit-width): the x axis runs the same way whichever series named a configuration first
+    configs.sort(key=lambda c: tuple(math.inf if b is None else b for b in c), reverse=True)
 
     try:
         import matplotlib.pyplot as plt  # on a machine without a display matplotlib itself picks Agg

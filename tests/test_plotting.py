@@ -47,6 +47,15 @@ def test_a_missing_configuration_is_a_gap_and_float_comes_first():
     assert math.isnan(y[1]) and y[0] == 98.5 and y[2:] == [95.0, 12.0]
 
 
+def test_configurations_are_ordered_by_bits_whichever_series_comes_first():
+    coarse = [{"weight_bits": w, "act_bits": a, "accuracy": 50.0} for w, a in ((4, 4), (None, None), (3, 2))]
+    fine = [{"weight_bits": w, "act_bits": a, "accuracy": 90.0} for w, a in ((8, 8), (None, 4), (4, 3), (8, 4))]
+    fig = plot_sweeps({"coarse": coarse, "fine": fine}, metrics=["accuracy"])
+    (ax,) = fig.axes
+    labels = [t.get_text() for t in ax.get_xticklabels()]
+    assert labels == ["float", "f,4", "8,8", "8,4", "4,4", "4,3", "3,2"]
+
+
 def test_plot_errors():
     with pytest.raises(ValueError, match="series is empty"):
         plot_sweeps({})
