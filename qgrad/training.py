@@ -180,6 +180,8 @@ def _check_config(cfg: TrainConfig) -> None:
             continue
         if not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
             raise ValueError(f"{name} must be a non-negative number, got {v!r}")
+    if cfg.momentum >= 1:  # SGD's velocity then grows without bound
+        raise ValueError(f"momentum must be in [0, 1), got {cfg.momentum!r}")
     if cfg.weight_decay is not None and (not math.isfinite(cfg.weight_decay) or cfg.weight_decay < 0):
         raise ValueError(f"weight_decay must be a non-negative number or None, got {cfg.weight_decay!r}")
     if (

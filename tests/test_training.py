@@ -299,6 +299,8 @@ def test_config_validation():
         train(TrainConfig(penalty="l1", method="worst-case", bits=1, out="x"))
     with pytest.raises(ValueError, match="lam must be a non-negative number"):
         train(TrainConfig(penalty="l1", lam=float("nan"), out="x"))
+    with pytest.raises(ValueError, match=r"momentum must be in \[0, 1\)"):
+        train(TrainConfig(momentum=1.0, out="x"))
     with pytest.raises(ValueError, match="unknown TrainConfig fields"):
         TrainConfig.from_dict({"lr": 0.1, "learning_rate": 0.1})
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
+import sys
 from pathlib import Path
 from typing import List, Optional, Sequence, Tuple
 
@@ -161,7 +162,7 @@ def run(args: argparse.Namespace) -> int:
         calib_batches=args.calib_batches,
         batch_size=args.batch_size,
         device=device,
-        progress=not args.no_progress,
+        progress=not args.no_progress and sys.stderr.isatty(),  # a log file gets no bar redraws
     )
     print(format_table(rows))
     out = Path(args.out) if args.out else file.parent / "sweep.json"
