@@ -101,6 +101,15 @@ def test_cifar_missing_directory(tmp_path):
     assert str(missing) in str(info.value)
 
 
+def test_cifar_archive_or_binary_version_instead_of_the_batches(tmp_path):
+    archive = tmp_path / "cifar-10-python.tar.gz"
+    archive.write_bytes(b"\x1f\x8b")
+    with pytest.raises(FileNotFoundError, match="is a file; extract it"):
+        data.load_cifar10(archive)
+    with pytest.raises(FileNotFoundError, match=r"holds cifar-10-python.tar.gz: the archive"):
+        data.load_cifar10(tmp_path)
+
+
 def test_cifar_missing_files_lists_each(tmp_path):
     folder = tmp_path / "cifar-10-batches-py"
     write_cifar(folder)

@@ -135,6 +135,9 @@ def _normalize(images: np.ndarray, max_value: int, mean: Sequence[float], std: S
 
 def _cifar10_dir(root: Union[str, Path]) -> Path:
     root = Path(root).expanduser()
+    if root.is_file():
+        hint = "extract it (tar xzf) and give" if root.name.endswith((".tar.gz", ".tgz")) else "give"
+        raise FileNotFoundError(f"CIFAR-10: {root} is a file; {hint} the folder of the python batches")
     if not root.is_dir():
         raise FileNotFoundError(f"CIFAR-10 directory {root} does not exist; {_CIFAR10_HOW}")
     expected = CIFAR10_TRAIN_FILES + (CIFAR10_TEST_FILE,)
@@ -143,8 +146,12 @@ def _cifar10_dir(root: Union[str, Path]) -> Path:
     directory = nested if nested.is_dir() and not any((root / f).exists() for f in expected) else root
     missing = [f for f in expected if not (directory / f).is_file()]
     if missing:
+        found = sorted(p.name for p in directory.iterdir() if p.name.endswith((".tar.gz", ".tgz", ".bin")))
+        seen = ""
+        if found:
+            seen = f" (it holds {', '.join(found[:3])}: the archive, or the binary version, not the python batches)"
         raise FileNotFoundError(
-            f"CIFAR-10 files missing in {directory}: {', '.join(missing)}; {_CIFAR10_HOW}"
+            f"CIFAR-10 files missing in {directory}{seen}: {', '.join(missing)}; {_CIFAR10_HOW}"
         )
     return directory
 
