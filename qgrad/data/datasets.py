@@ -149,7 +149,7 @@ def _cifar10_dir(root: Union[str, Path]) -> Path:
         found = sorted(p.name for p in directory.iterdir() if p.name.endswith((".tar.gz", ".tgz", ".bin")))
         seen = ""
         if found:
-            seen = f" (it holds {', '.join(found[:3])}: the archive, or the binary version, not the python batches)"
+            seen = f" (it holds {', '.join(found[:3])}: the archive or the binary version, not the batches)"
         raise FileNotFoundError(
             f"CIFAR-10 files missing in {directory}{seen}: {', '.join(missing)}; {_CIFAR10_HOW}"
         )
