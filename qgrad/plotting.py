@@ -74,7 +74,8 @@ def plot_sweeps(
     title: Optional[str] = None,
 ):
     """Draw one panel per metric, the configurations along x (float first, then by weight bits and activation
-    bits, both descending), one line per series; save it to ``path`` when given (the format follows the suffix: .png, .pdf, .svg).
+    bits, both descending), one line per series; save it to ``path`` when given (the format follows the
+    suffix: .png, .pdf, .svg).
 
     Args:
         series: name -> sweep rows (each a mapping with ``weight_bits``, ``act_bits`` and the metrics).
