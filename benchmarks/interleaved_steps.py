@@ -10,11 +10,12 @@ the step itself are those of ``test_penalty_step.py`` (``_setup``), including ``
 Clock: CPU time of the process with one thread (``--threads 1``, the steadiest measure on a shared CPU),
 wall time otherwise; on CUDA, wall time with a synchronization after each step.
 
-    python benchmarks/interleaved_steps.py --threads 1 --rounds 15 --json results/cpu_interleaved.json
+    python benchmarks/interleaved_steps.py --threads 1 --rounds 15 --json benchmarks/results/cpu_steps.json
     QGRAD_BENCH_LAYOUT=channels_last python benchmarks/interleaved_steps.py --models resnet18
 """
 import argparse
 import json
+import os
 import platform
 import statistics
 import sys
@@ -67,13 +68,20 @@ def main(argv=None):
     parser.add_argument("--models", nargs="+", default=bench.MODELS, choices=bench.MODELS)
     parser.add_argument("--modes", nargs="+", default=bench.MODES, choices=bench.MODES)
     parser.add_argument("--rounds", type=int, default=11)
-    parser.add_argument("--warmup", type=int, default=2, help="untimed steps of each mode before the rounds")
+    parser.add_argument(
+        "--warmup", type=int, default=2,
+        help="untimed steps of each mode before the rounds (with 0 the first round's steps run cold)",
+    )
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     parser.add_argument("--dtype", default="float32", choices=bench.DTYPES)
     parser.add_argument("--json", default=None, help="also write the summary and every round's times here")
     args = parser.parse_args(argv)
     if args.rounds < 1 or args.warmup < 0:
         parser.error("--rounds must be >= 1 and --warmup >= 0")
+    if args.json and not os.path.isdir(os.path.dirname(os.path.abspath(args.json))):
+        parser.error(f"--json: the folder of {args.json} does not exist")  # before minutes of measuring
+    args.models = list(dict.fromkeys(args.models))  # a name given twice is measured once
+    args.modes = list(dict.fromkeys(args.modes))
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     if bench.CUDA:

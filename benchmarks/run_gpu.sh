@@ -16,11 +16,12 @@
 # e.g. QGRAD_TESTS_LIMIT=300) so that a slow one cannot starve the next, and a failed stage does not stop
 # the others (the exit status is 1 if any failed).
 set -uo pipefail
-cd "$(dirname "$0")/.."
 out=${1:?usage: run_gpu.sh results_dir [stage ...]}
 shift
 stages=${*:-build tests bench}
 mkdir -p "$out"
+out=$(cd "$out" && pwd)  # a relative folder is the caller's, not the repository's
+cd "$(dirname "$0")/.."
 log="$out/stages.log"
 export PYTHONUNBUFFERED=1
 status=0

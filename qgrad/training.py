@@ -687,14 +687,14 @@ def _run(config, resume, stop_after, init_state, processes, device, progress) ->
             torch.set_rng_state(rng["torch"])
         if device.type == "cuda" and rng.get("cuda"):
             torch.cuda.set_rng_state_all(rng["cuda"])
-        if main:
+        if main and start_epoch < cfg.epochs:  # a finished run is only read (it may sit on a read-only disk)
             # Lines for epochs after the checkpoint (written just before an interrupted checkpoint save) go.
             kept = [r for r in _read_metrics(metrics_path) if int(r.get("epoch", 0)) <= start_epoch]
             _save_text("".join(json.dumps(r) + "\n" for r in kept), metrics_path)
     elif main:
         run_dir.mkdir(parents=True, exist_ok=True)
         _save_text("", metrics_path)
-    if main:
+    if main and start_epoch < cfg.epochs:
         _save_text(json.dumps(cfg.to_dict(), indent=2) + "\n", run_dir / CONFIG_FILE)
 
     if start_epoch >= cfg.epochs:

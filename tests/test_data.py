@@ -322,8 +322,10 @@ def test_loader_drop_last():
     assert len(loader) == 4
     _, ys, sizes = collect(loader)
     assert sizes == [8] * 4 and len(set(ys.tolist())) == 32
-    assert len(DeviceLoader(x, y, batch_size=40, drop_last=True)) == 0
+    with pytest.raises(ValueError, match="batch_size 40 exceeds the 37 samples and drop_last=True"):
+        DeviceLoader(x, y, batch_size=40, drop_last=True)  # every epoch would be empty
     assert len(DeviceLoader(x, y, batch_size=37, drop_last=True)) == 1
+    assert len(DeviceLoader(x, y, batch_size=40)) == 1
 
 
 def test_loader_determinism_and_epochs():

@@ -140,6 +140,21 @@ def test_a_run_stored_before_a_setting_existed_resumes_with_its_default(runs, tm
         train(dataclasses.replace(cfg, channels_last=True, epochs=3), progress=False, resume=True)
 
 
+def test_resuming_a_finished_run_only_reads_it(runs, tmp_path):
+    run_dir = tmp_path / "done"
+    shutil.copytree(runs["full"], run_dir)
+    files = sorted(run_dir.iterdir())
+    stamps = [(p.name, p.stat().st_mtime_ns, p.read_bytes()) for p in files]
+    run_dir.chmod(0o555)  # read-only, as a finished run on a shared disk (root ignores it; the stamps do not)
+    try:
+        cfg = TrainConfig(**{**runs["config"].to_dict(), "out": str(run_dir), "device": "cpu"})
+        result = train(cfg, progress=False, resume=True)
+    finally:
+        run_dir.chmod(0o755)
+    assert result["finished"] and result["test_acc"] == runs["result"]["test_acc"]
+    assert [(p.name, p.stat().st_mtime_ns, p.read_bytes()) for p in sorted(run_dir.iterdir())] == stamps
+
+
 def test_resume_with_other_settings_or_without_checkpoint_fails(runs, tmp_path):
     run_dir = _copy_stopped(runs, tmp_path)
     before = (run_dir / "checkpoint.pt").read_bytes()

@@ -54,7 +54,8 @@ class DeviceLoader:
 
     The whole dataset is moved to ``device`` once; shuffling, random crops and flips run there, vectorized
     over the batch. Each ``iter()`` is one epoch and covers every sample once (the last, smaller batch is
-    dropped when ``drop_last``).
+    dropped when ``drop_last``). Batches that need no copy (no shuffle, no augmentation, already on
+    ``device``) are views of ``x`` and ``y``: modify them out of place, or clone them first.
 
     Randomness: epoch ``e`` draws, from a CPU ``torch.Generator`` seeded with a hash of ``(seed, e)``, first
     the permutation (if ``shuffle``), then every sample's crop offsets (if ``crop_padding``), then its flip
@@ -121,6 +122,11 @@ class DeviceLoader:
             raise ValueError(
                 f"random crops and flips need floating-point images (N, C, H, W), got a {x.dtype} tensor of "
                 f"shape {tuple(x.shape)}"
+            )
+        if drop_last and batch_size > x.shape[0]:
+            raise ValueError(
+                f"batch_size {batch_size} exceeds the {x.shape[0]} samples and drop_last=True: every epoch "
+                "would be empty"
             )
         world_size = _check_int("world_size", world_size, 1)
         rank = _check_int("rank", rank, 0, world_size)
