@@ -988,30 +988,35 @@ class L1GradPenalty(_GradNormPenalty):
         self._twins: List[nn.Module] = []
         # the twins change only second derivatives, which the worst-case method never takes
         if fused_batchnorm and method == "exact":
-            self._convert(convert_batchnorm, revert_batchnorm)
+            self._convert(convert_batchnorm, revert_batchnorm, _BATCHNORM_TWINS)
         if fused_conv and method == "exact":
-            self._convert(convert_conv, revert_conv)
-        # twins already in the model (qgrad.nn modules, or a copy taken while another penalty was attached,
-        # which may carry that penalty's plain-step setting) are this penalty's too; remove() keeps their
-        # class
-        kinds = (_BATCHNORM_TWINS if fused_batchnorm else ()) + (_CONV_TWINS if fused_conv else ())
-        converted = {id(m) for m in self._twins}
-        adopted = [m for m in self.model.modules() if type(m) in kinds and id(m) not in converted]
-        if adopted and method == "exact":
-            for m in adopted:
-                _plain_twin(m, None)
-            self._twins += adopted
-            self._undo.append(lambda: [_plain_twin(m, None) for m in adopted])
+            self._convert(convert_conv, revert_conv, _CONV_TWINS)
 
     # ------------------------------------------------------------------ module swaps
-    def _convert(self, convert: Callable[[nn.Module], nn.Module], revert: Callable[[nn.Module], nn.Module]):
-        """Apply an in-place class swap to the model; :meth:`remove` reverts the modules it changed."""
+    def _convert(self, convert: Callable[[nn.Module], nn.Module], revert: Callable[[nn.Module], nn.Module],
+                 kinds: tuple):
+        """Apply an in-place class swap to the model; :meth:`remove` reverts the modules it changed.
+
+        Twins of ``kinds`` already in the model (``qgrad.nn`` modules, or a copy taken while another penalty
+        was attached, which may carry that penalty's plain-step setting) become this penalty's too: their
+        setting is cleared, and :meth:`remove` leaves their class.
+        """
         before = {id(m): type(m) for m in self.model.modules()}
         convert(self.model)
-        converted = [m for m in self.model.modules() if type(m) is not before[id(m)]]
-        if converted:
-            self._twins += converted
-            self._undo.append(lambda: [_plain_twin(m, None) or revert(m) for m in converted])
+        twins = [m for m in self.model.modules() if type(m) in kinds]
+        converted = {id(m) for m in twins if type(m) is not before[id(m)]}
+        for m in twins:
+            _plain_twin(m, None)
+        self._twins += twins
+
+        def undo():
+            for m in twins:
+                _plain_twin(m, None)
+                if id(m) in converted:
+                    revert(m)
+
+        if twins:
+            self._undo.append(undo)
 
     def _check_resolution(self) -> None:
         """Warn once when the worst-case radius ``h`` is lost to the rounding of a half-precision forward."""
