@@ -69,7 +69,7 @@ DEFAULT_LAM = 0.05
 DEFAULT_L1_LAM = {"digits": 0.005}
 # Fields that may differ between a stopped run and the command that resumes it: none of them changes the
 # sequence of parameter updates.
-RESUME_MUTABLE = ("data_root", "device", "out", "eval_every")
+RESUME_MUTABLE = ("data_root", "device", "out", "eval_every", "workers")
 
 
 class TrainingError(RuntimeError):
@@ -86,8 +86,11 @@ class TrainConfig:
 
     Attributes:
         model: a name from ``qgrad.models.names()``.
-        dataset: ``"cifar10"`` (needs ``data_root``) or ``"digits"``.
+        dataset: ``"cifar10"`` or ``"imagenet"`` (both need ``data_root``), or ``"digits"``.
         data_root: dataset directory, ``None`` for datasets that need none.
+        image_size: ``"imagenet"`` only: side of the square input crops; ``None`` picks 224.
+        workers: ``"imagenet"`` only: processes that decode images for each training process; ``None``
+            picks the number of usable CPU cores, at most 8. The batches do not depend on it.
         width: channel multiplier passed to ``qgrad.models.get``.
         epochs: length of the run; the cosine learning-rate schedule spans all of it (stepped once per batch,
             from ``lr`` down to 0).
@@ -125,6 +128,8 @@ class TrainConfig:
     model: str = "vgg_like"
     dataset: str = "cifar10"
     data_root: Optional[str] = None
+    image_size: Optional[int] = None
+    workers: Optional[int] = None
     width: float = 1.0
     epochs: int = 100
     batch_size: int = 128
@@ -166,6 +171,14 @@ def _check_config(cfg: TrainConfig) -> None:
 
     for name in ("epochs", "batch_size", "eval_every"):
         positive_int(name)
+    if cfg.image_size is not None and (
+        isinstance(cfg.image_size, bool) or not isinstance(cfg.image_size, int) or cfg.image_size < 8
+    ):
+        raise ValueError(f"image_size must be an int >= 8 or None, got {cfg.image_size!r}")
+    if cfg.workers is not None and (
+        isinstance(cfg.workers, bool) or not isinstance(cfg.workers, int) or cfg.workers < 0
+    ):
+        raise ValueError(f"workers must be an int >= 0 or None, got {cfg.workers!r}")
     if not isinstance(cfg.channels_last, bool):
         raise ValueError(f"channels_last must be True or False, got {cfg.channels_last!r}")
     if cfg.penalty not in PENALTIES:
@@ -422,6 +435,7 @@ def _resolve(cfg: TrainConfig, data) -> TrainConfig:
         lam = DEFAULT_L1_LAM.get(cfg.dataset, DEFAULT_LAM) if cfg.penalty == "l1" else DEFAULT_LAM
     return dataclasses.replace(
         cfg,
+        image_size=getattr(data, "image_size", None),
         num_classes=int(data.num_classes),
         in_channels=int(data.in_channels),
         weight_decay=float(wd),
@@ -623,7 +637,7 @@ def _run(config, resume, stop_after, init_state, processes, device, progress) ->
     run_dir = Path(config.out)
     ckpt_path = run_dir / CHECKPOINT
     main = processes.main
-    data = qdata.load(config.dataset, root=config.data_root)
+    data = qdata.load(config.dataset, root=config.data_root, image_size=config.image_size)
     cfg = _resolve(config, data)
     state = None
     if resume:
@@ -639,34 +653,31 @@ def _run(config, resume, stop_after, init_state, processes, device, progress) ->
     model = _build_model(cfg.to_dict())
     if init_state is not None:
         _init_weights(model, cfg, init_state)
-    # 4-D image batches only: channels-last is a layout of (N, C, H, W) tensors
-    image = data.train_x.dim() == 4
-    layout = torch.channels_last if cfg.channels_last and image else torch.contiguous_format
+    layout = torch.channels_last if cfg.channels_last else torch.contiguous_format
     model.to(device=device, memory_format=layout)
 
-    if len(data.train_y) < cfg.batch_size:
-        raise ValueError(f"batch_size {cfg.batch_size} exceeds the {len(data.train_y)} training examples")
+    if data.num_train < cfg.batch_size:
+        raise ValueError(f"batch_size {cfg.batch_size} exceeds the {data.num_train} training examples")
     if cfg.batch_size % processes.world_size:
         raise ValueError(
             f"batch_size {cfg.batch_size} (the batch of all processes together) is not divisible by the "
             f"{processes.world_size} processes"
         )
-    train_loader = qdata.DeviceLoader(
-        data.train_x,
-        data.train_y,
+    train_loader = data.loader(
+        "train",
         cfg.batch_size,
         shuffle=True,
-        crop_padding=data.crop_padding,
-        flip=data.flip,
+        augment=True,
         seed=cfg.seed,
         device=device,
         drop_last=True,
         rank=processes.rank,
         world_size=processes.world_size,
         memory_format=layout,
+        workers=cfg.workers,
     )
-    test_loader = qdata.DeviceLoader(
-        data.test_x, data.test_y, max(256, cfg.batch_size), device=device, memory_format=layout
+    test_loader = data.loader(
+        "test", max(256, cfg.batch_size), device=device, memory_format=layout, workers=cfg.workers
     )
     optimizer = torch.optim.SGD(
         model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay

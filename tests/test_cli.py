@@ -230,3 +230,40 @@ def test_quick_demo(tmp_path, capsys):
     # a second demo into the same folder needs --overwrite
     assert main(argv) == 1
     assert "--overwrite" in capsys.readouterr().err
+
+
+def test_train_and_sweep_on_an_image_folder(tmp_path, capsys):
+    """ImageNet's layout end to end: the ImageNet ResNet-18 trained from train/ (one plain epoch, then one
+    with the l1 penalty after a stop and resume), swept on val/ with calibrated ranges."""
+    Image = pytest.importorskip("PIL.Image")
+    rng = torch.Generator().manual_seed(0)
+    for split, per_class in (("train", 6), ("val", 2)):
+        for label, name in enumerate(("n01", "n02")):
+            for i in range(per_class):
+                # class n02 is brighter, so the tiny model has something to learn
+                pixels = torch.randint(0, 128, (20, 24, 3), generator=rng, dtype=torch.uint8) + 100 * label
+                folder = tmp_path / "folder" / split / name
+                folder.mkdir(parents=True, exist_ok=True)
+                Image.fromarray(pixels.numpy()).save(folder / f"{i}.JPEG")
+    out = tmp_path / "run"
+    args = [
+        "train", "--dataset", "imagenet", "--data-root", str(tmp_path / "folder"), "--model",
+        "resnet18_imagenet", "--width", "0.0625", "--image-size", "16", "--workers", "0", "--batch-size", "4",
+        "--epochs", "2", "--penalty", "l1", "--penalty-epochs", "1", "--device", "cpu", "--no-progress",
+        "--out", str(out),
+    ]
+    assert main([*args, "--stop-after", "1"]) == 0
+    assert main(["train", "--out", str(out), "--resume", "--workers", "1", "--no-progress"]) == 0
+    rows = _metrics(out)
+    assert [r["epoch"] for r in rows] == [1, 2] and rows[0]["penalty"] is None and rows[1]["penalty"] > 0
+    config = json.loads((out / "config.json").read_text())
+    assert (config["num_classes"], config["in_channels"], config["image_size"]) == (2, 3, 16)
+    capsys.readouterr()
+    assert main(["sweep", str(out), "--configs", "8,8", "--act-range", "minmax", "--calib-batches", "1",
+                 "--workers", "0", "--device", "cpu", "--no-progress"]) == 0
+    printed = capsys.readouterr().out
+    result = json.loads((out / "sweep.json").read_text())
+    assert [(r["weight_bits"], r["act_bits"], r["samples"]) for r in result["rows"]] == [
+        (None, None, 4), (8, 8, 4)
+    ]
+    assert result["dataset"] == "imagenet" and "| 8 " in printed

@@ -156,7 +156,11 @@ def test_load_dispatch_errors(tmp_path):
         data.load("mnist")
     with pytest.raises(ValueError, match="takes no root"):
         data.load("digits", root=tmp_path)
-    assert data.names() == ["cifar10", "digits"]
+    with pytest.raises(ValueError, match="'imagenet' needs root"):
+        data.load("imagenet")
+    with pytest.raises(ValueError, match="image_size applies to image folders"):
+        data.load("digits", image_size=32)
+    assert data.names() == ["cifar10", "digits", "imagenet"]
 
 
 def test_array_dataset_validation():

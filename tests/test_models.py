@@ -37,10 +37,12 @@ def vgg_param_formula(num_classes, width, in_channels):
     return total
 
 
-def resnet_param_formula(num_classes, width, in_channels):
-    """3x3 stem + BN, 4 stages x 2 BasicBlocks (two 3x3 conv+BN, 1x1 conv+BN shortcut on shape change), FC."""
+def resnet_param_formula(num_classes, width, in_channels, stem_kernel=3):
+    """Stem conv + BN, 4 stages x 2 BasicBlocks (two 3x3 conv+BN, 1x1 conv+BN shortcut on shape change), FC.
+
+    The max-pool of the ImageNet stem (7x7 kernel) has no parameters."""
     stem = c(64, width)
-    total = conv_params(in_channels, stem, 3) + bn_params(stem)
+    total = conv_params(in_channels, stem, stem_kernel) + bn_params(stem)
     cin = stem
     for n, stride in ((64, 1), (128, 2), (256, 2), (512, 2)):
         cout = c(n, width)
@@ -54,7 +56,12 @@ def resnet_param_formula(num_classes, width, in_channels):
     return total + linear_params(cin, num_classes)
 
 
-FORMULAS = {"vgg_like": vgg_param_formula, "resnet18": resnet_param_formula}
+FORMULAS = {
+    "vgg_like": vgg_param_formula,
+    "resnet18": resnet_param_formula,
+    "resnet18_imagenet": lambda *args: resnet_param_formula(*args, stem_kernel=7),
+}
+ALL = ["vgg_like", "resnet18", "resnet18_imagenet"]
 
 
 def count(model):
@@ -62,10 +69,10 @@ def count(model):
 
 
 def test_names():
-    assert models.names() == ["resnet18", "vgg_like"]
+    assert models.names() == ["resnet18", "resnet18_imagenet", "vgg_like"]
 
 
-@pytest.mark.parametrize("name", ["vgg_like", "resnet18"])
+@pytest.mark.parametrize("name", ALL)
 @pytest.mark.parametrize(
     "num_classes,width,in_channels", [(10, 1.0, 3), (100, 1.0, 3), (10, 0.5, 1), (7, 0.3, 2), (3, 0.001, 3)]
 )
@@ -81,6 +88,10 @@ def test_documented_parameter_counts():
     assert count(models.get("vgg_like")) == vgg
     assert f"{vgg:,}" in VGGLike.__doc__ and "11,173,962" in ResNet18.__doc__
     assert abs(vgg / 1e6 - 13.0) < 0.05
+    # the usual ImageNet ResNet-18 (7x7 stem, 1000 classes) has 11,689,512 parameters
+    assert resnet_param_formula(1000, 1.0, 3, stem_kernel=7) == 11_689_512
+    assert count(models.get("resnet18_imagenet", num_classes=1000)) == 11_689_512
+    assert "11,689,512" in ResNet18.__doc__
 
 
 def test_vgg_layer_list():
@@ -128,7 +139,25 @@ def test_resnet_layer_list():
     assert sum(isinstance(m, nn.BatchNorm2d) for m in model.modules()) == len(expected)
 
 
-@pytest.mark.parametrize("name", ["vgg_like", "resnet18"])
+def test_resnet_imagenet_stem():
+    model = models.get("resnet18_imagenet", num_classes=1000, width=0.25)
+    conv = model.conv1
+    assert (conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding) == (
+        3, 16, (7, 7), (2, 2), (3, 3)
+    )
+    pools = [m for m in model.modules() if isinstance(m, nn.MaxPool2d)]
+    assert len(pools) == 1 and (pools[0].kernel_size, pools[0].stride, pools[0].padding) == (3, 2, 1)
+    seen = {}
+    model.layer1.register_forward_hook(lambda m, inp, out: seen.update(shape=inp[0].shape))
+    assert model.eval()(torch.randn(2, 3, 224, 224)).shape == (2, 1000)
+    assert seen["shape"] == (2, 16, 56, 56)  # the stem divides 224 by 4
+    # the same blocks as the CIFAR variant: state_dict keys differ only by nothing (the pool has no state)
+    assert list(model.state_dict()) == list(models.get("resnet18", 1000, 0.25).state_dict())
+    with pytest.raises(ValueError, match="stem must be one of"):
+        ResNet18(stem="tiny")
+
+
+@pytest.mark.parametrize("name", ALL)
 @pytest.mark.parametrize("in_channels", [1, 3])
 @pytest.mark.parametrize("size", [(8, 8), (11, 13), (32, 32)])
 def test_output_shape(name, in_channels, size):
@@ -159,7 +188,7 @@ def test_vgg_adaptive_pool_is_identity_at_32x32():
     torch.testing.assert_close(seen["out"], seen["inp"], rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("name", ["vgg_like", "resnet18"])
+@pytest.mark.parametrize("name", ALL)
 def test_fx_traceable(name):
     torch.manual_seed(0)
     model = models.get(name, width=0.25, in_channels=1).eval()
@@ -167,7 +196,7 @@ def test_fx_traceable(name):
     for size in [(8, 8), (11, 13)]:
         x = torch.randn(2, 1, *size)
         torch.testing.assert_close(traced(x), model(x), rtol=0, atol=0)
-    if name == "resnet18":
+    if name.startswith("resnet18"):
         targets = [n.target for n in traced.graph.nodes if n.op == "call_function"]
         assert targets.count(torch.nn.functional.relu) == 17  # stem + 2 per block
         assert targets.count(operator.add) == 8  # one residual add per block
@@ -196,7 +225,7 @@ def test_init():
 
 
 def test_unknown_name_lists_known():
-    with pytest.raises(ValueError, match="unknown model 'vgg16'.*resnet18, vgg_like"):
+    with pytest.raises(ValueError, match="unknown model 'vgg16'.*resnet18, resnet18_imagenet, vgg_like"):
         models.get("vgg16")
     with pytest.raises(ValueError, match="known models"):
         models.get(None)
@@ -215,9 +244,10 @@ def test_unknown_name_lists_known():
         (dict(width="1"), "width"),
     ],
 )
-@pytest.mark.parametrize("name", ["vgg_like", "resnet18"])
+@pytest.mark.parametrize("name", ALL)
 def test_bad_arguments(name, kwargs, match):
     with pytest.raises(ValueError, match=match):
         models.get(name, **kwargs)
+    builders = {"vgg_like": VGGLike, "resnet18": ResNet18, "resnet18_imagenet": models.resnet18_imagenet}
     with pytest.raises(ValueError, match=match):
-        {"vgg_like": VGGLike, "resnet18": ResNet18}[name](**kwargs)
+        builders[name](**kwargs)

@@ -171,12 +171,13 @@ def test_exact_matches_autograd_double_backward_small_models(case, halves):
 
 
 @pytest.mark.parametrize("halves", list(HALVES))
-@pytest.mark.parametrize("name", ["vgg_like", "resnet18"])
+@pytest.mark.parametrize("name", ["vgg_like", "resnet18", "resnet18_imagenet"])
 def test_exact_matches_autograd_double_backward_zoo(name, halves):
     torch.manual_seed(0)
     model = init_bn(qgrad.models.get(name, num_classes=10, width=0.125)).train()
     g = torch.Generator().manual_seed(1)
-    x, y = torch.randn(3, 3, 8, 8, generator=g), torch.randint(0, 10, (3,), generator=g)
+    size = 16 if name == "resnet18_imagenet" else 8  # its stem (stride 2, max-pool) divides the size by 4
+    x, y = torch.randn(3, 3, size, size, generator=g), torch.randint(0, 10, (3,), generator=g)
     compare_exact(model, x, y, *HALVES[halves], tol=1e-5)
 
 

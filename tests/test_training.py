@@ -268,8 +268,8 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(runs, tmp_path
     before = (run_dir / "checkpoint.pt").read_bytes()
     real_load = qgrad.data.load
 
-    def load_with_nan(name, root=None):
-        data = real_load(name, root)
+    def load_with_nan(name, root=None, image_size=None):
+        data = real_load(name, root, image_size)
         x = data.train_x.clone()
         x[::7] = float("nan")
         return dataclasses.replace(data, train_x=x)

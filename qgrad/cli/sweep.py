@@ -93,31 +93,48 @@ def add_parser(sub, parents) -> None:
     p.add_argument("--batch-size", type=int, default=256, help="evaluation batch size (default: 256)")
     p.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda, cuda:N")
     p.add_argument(
+        "--workers",
+        type=int,
+        default=None,
+        help="imagenet only: image-decoding processes (default: usable cores, at most 8)",
+    )
+    p.add_argument(
         "--out", default=None, metavar="FILE", help="JSON output (default: sweep.json next to the model)"
     )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(run=run)
 
 
-def calibration_batches(dataset, batch_size: int, num_batches: int, device) -> list:
-    """``num_batches`` shuffled, un-augmented training batches (seed 0): calibration data for PTQ ranges."""
-    from qgrad.data import DeviceLoader
+def calibration_batches(dataset, batch_size: int, num_batches: int, device, workers=None) -> list:
+    """``num_batches`` shuffled, un-augmented training batches (seed 0): calibration data for PTQ ranges.
 
-    loader = DeviceLoader(dataset.train_x, dataset.train_y, batch_size, shuffle=True, seed=0, device=device)
+    ``dataset`` is a :class:`qgrad.data.ArrayDataset` or :class:`qgrad.data.FolderDataset` (ImageNet: the
+    evaluation views of training images)."""
+    loader = dataset.loader("train", batch_size, shuffle=True, seed=0, device=device, workers=workers)
     return list(itertools.islice(loader, num_batches))
 
 
 def run_sweep(
-    model, dataset, configs, act_range="bn", calib_batches=8, batch_size=256, device=None, progress=False
+    model,
+    dataset,
+    configs,
+    act_range="bn",
+    calib_batches=8,
+    batch_size=256,
+    device=None,
+    progress=False,
+    workers=None,
 ) -> list:
-    """Evaluate ``model`` on ``dataset``'s test split, float first, then quantized at each of ``configs``."""
-    from qgrad.data import DeviceLoader
+    """Evaluate ``model`` on ``dataset``'s test split, float first, then quantized at each of ``configs``.
+
+    ``workers``: image-decoding processes for an image-folder dataset (see :class:`qgrad.data.FolderLoader`).
+    """
     from qgrad.quantization import sweep
 
-    test = DeviceLoader(dataset.test_x, dataset.test_y, batch_size, device=device)
+    test = dataset.loader("test", batch_size, device=device, workers=workers)
     calib = None
     if act_range != "bn":
-        calib = calibration_batches(dataset, batch_size, calib_batches, device)
+        calib = calibration_batches(dataset, batch_size, calib_batches, device, workers)
     return sweep(
         model,
         test,
@@ -136,6 +153,8 @@ def run(args: argparse.Namespace) -> int:
 
     if args.batch_size < 1:
         raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
+    if args.workers is not None and args.workers < 0:
+        raise ValueError(f"--workers must be >= 0, got {args.workers}")
     if args.act_range != "bn" and args.calib_batches < 1:
         raise ValueError(
             f"--calib-batches must be >= 1 with --act-range {args.act_range}, got {args.calib_batches}"
@@ -144,10 +163,11 @@ def run(args: argparse.Namespace) -> int:
     file = find_checkpoint(args.source)
     model, config = load_model(file, device=device)
     name = args.dataset or config["dataset"]
-    root = args.data_root
-    if root is None and name == config["dataset"]:
-        root = config.get("data_root")
-    dataset = load(name, root=root)
+    root, image_size = args.data_root, None
+    if name == config["dataset"]:
+        root = config.get("data_root") if root is None else root
+        image_size = config.get("image_size")  # the size the model was trained at
+    dataset = load(name, root=root, image_size=image_size)
     for key, value in (("in_channels", dataset.in_channels), ("num_classes", dataset.num_classes)):
         if config.get(key) not in (None, value):
             raise ValueError(
@@ -163,6 +183,7 @@ def run(args: argparse.Namespace) -> int:
         batch_size=args.batch_size,
         device=device,
         progress=not args.no_progress and sys.stderr.isatty(),  # a log file gets no bar redraws
+        workers=args.workers,
     )
     print(format_table(rows))
     out = Path(args.out) if args.out else file.parent / "sweep.json"

@@ -14,8 +14,21 @@ DEFAULTS = TrainConfig()
 # (flag, TrainConfig field, type, help); every default is None, so --resume can tell which options were given.
 _OPTIONS = (
     ("--model", "model", str, "architecture, from qgrad.models.names()"),
-    ("--dataset", "dataset", str, "dataset: cifar10 (needs --data-root) or digits"),
-    ("--data-root", "data_root", str, "folder with the dataset files (CIFAR-10: the python batches)"),
+    ("--dataset", "dataset", str, "dataset: cifar10 or imagenet (both need --data-root), or digits"),
+    (
+        "--data-root",
+        "data_root",
+        str,
+        "folder with the dataset files (CIFAR-10: the python batches; ImageNet: the folder holding train/ "
+        "and val/, one sub-folder per class in each)",
+    ),
+    ("--image-size", "image_size", int, "imagenet only: side of the square input crops (default: 224)"),
+    (
+        "--workers",
+        "workers",
+        int,
+        "imagenet only: image-decoding processes per training process (default: usable cores, at most 8)",
+    ),
     ("--width", "width", float, "channel multiplier of the model"),
     ("--epochs", "epochs", int, "epochs of the run; the cosine learning-rate schedule spans all of them"),
     ("--batch-size", "batch_size", int, "training batch size (of all processes together under torchrun)"),
@@ -92,7 +105,7 @@ def add_parser(sub, parents) -> None:
             p.add_argument(flag, dest=field, action="store_true", default=None, help=text)
             continue
         # no "(default: ...)" where the default depends on other options or there is none
-        unshown = ("weight_decay", "lam", "data_root", "init", "bits")
+        unshown = ("weight_decay", "lam", "data_root", "init", "bits", "image_size", "workers")
         shown = "" if field in unshown else f" (default: {default})"
         p.add_argument(flag, dest=field, type=kind, default=None, help=text + shown, **extra)
     p.add_argument("--out", required=True, metavar="RUN_DIR", help="run directory (created if needed)")

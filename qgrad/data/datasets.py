@@ -1,7 +1,10 @@
-"""In-memory image classification datasets: CIFAR-10 from its python batches and scikit-learn's digits.
+"""Image classification datasets by name: CIFAR-10 from its python batches and scikit-learn's digits, held
+in memory, and ImageNet (any folder in its layout), read from disk.
 
-Both loaders return an :class:`ArrayDataset` of normalized float32 ``N x C x H x W`` CPU tensors. Nothing is
-ever downloaded: CIFAR-10 must already be on disk, digits ships with scikit-learn.
+CIFAR-10 and digits load as an :class:`ArrayDataset` of normalized float32 ``N x C x H x W`` CPU tensors,
+ImageNet as a :class:`qgrad.data.FolderDataset` of file names. Both kinds make their batches with the same
+``loader(split, batch_size, ...)`` call. Nothing is ever downloaded: CIFAR-10 and ImageNet must already be on
+disk, digits ships with scikit-learn.
 """
 
 from __future__ import annotations
@@ -16,6 +19,9 @@ from typing import List, Optional, Sequence, Tuple, Union
 import numpy as np
 import torch
 from torch import Tensor
+
+from qgrad.data.folder import FolderDataset, load_imagenet
+from qgrad.data.loader import DeviceLoader
 
 __all__ = ["ArrayDataset", "load", "load_cifar10", "load_digits", "names"]
 
@@ -82,6 +88,49 @@ class ArrayDataset:
                 raise ValueError(
                     f"{stat} must have one entry per channel ({self.in_channels}), got {value!r}"
                 )
+
+    @property
+    def num_train(self) -> int:
+        return self.train_x.shape[0]
+
+    @property
+    def num_test(self) -> int:
+        return self.test_x.shape[0]
+
+    def loader(
+        self,
+        split: str,
+        batch_size: int,
+        shuffle: bool = False,
+        augment: bool = False,
+        seed: int = 0,
+        device: Optional[Union[str, torch.device]] = None,
+        drop_last: bool = False,
+        rank: int = 0,
+        world_size: int = 1,
+        memory_format: torch.memory_format = torch.contiguous_format,
+        workers: Optional[int] = None,
+    ) -> DeviceLoader:
+        """A :class:`qgrad.data.DeviceLoader` over ``split`` (``"train"`` or ``"test"``); ``augment`` applies
+        the dataset's random crop (``crop_padding``) and flips (``flip``). ``workers`` is accepted for the
+        same calls as :meth:`qgrad.data.FolderDataset.loader` and unused: the data is already in memory."""
+        if split not in ("train", "test"):
+            raise ValueError(f"split must be 'train' or 'test', got {split!r}")
+        x, y = (self.train_x, self.train_y) if split == "train" else (self.test_x, self.test_y)
+        return DeviceLoader(
+            x,
+            y,
+            batch_size,
+            shuffle=shuffle,
+            crop_padding=self.crop_padding if augment else 0,
+            flip=self.flip if augment else False,
+            seed=seed,
+            device=device,
+            drop_last=drop_last,
+            rank=rank,
+            world_size=world_size,
+            memory_format=memory_format,
+        )
 
     def denormalize(self, x: Tensor) -> Tensor:
         """Undo the normalization: ``x * std[c] + mean[c]``, pixel values on the [0, 1] scale.
@@ -279,7 +328,11 @@ def load_digits(test_fraction: float = 0.2, seed: int = 0) -> ArrayDataset:
     )
 
 
-_LOADERS = ("cifar10", "digits")
+_LOADERS = ("cifar10", "digits", "imagenet")
+_NEEDS_ROOT = {
+    "cifar10": f"the folder with the python batches; {_CIFAR10_HOW}",
+    "imagenet": "the folder that holds train/ and val/, with one sub-folder of images per class in each",
+}
 
 
 def names() -> List[str]:
@@ -287,14 +340,27 @@ def names() -> List[str]:
     return list(_LOADERS)
 
 
-def load(name: str, root: Optional[Union[str, Path]] = None) -> ArrayDataset:
-    """Load a dataset by name: ``"cifar10"`` (needs ``root``, see :func:`load_cifar10`) or ``"digits"``
-    (bundled with scikit-learn, takes no ``root``; default split of :func:`load_digits`)."""
+def load(
+    name: str, root: Optional[Union[str, Path]] = None, image_size: Optional[int] = None
+) -> Union[ArrayDataset, FolderDataset]:
+    """Load a dataset by name.
+
+    Args:
+        name: ``"cifar10"`` (see :func:`load_cifar10`), ``"digits"`` (bundled with scikit-learn; default split
+            of :func:`load_digits`) or ``"imagenet"`` (see :func:`qgrad.data.load_imagenet`).
+        root: the dataset's folder; required for ``"cifar10"`` and ``"imagenet"``, refused for ``"digits"``.
+        image_size: ``"imagenet"`` only: side of the input crops (``None``: 224). The in-memory datasets
+            have fixed sizes and refuse it.
+    """
+    if name not in _LOADERS:
+        raise ValueError(f"unknown dataset {name!r}; known datasets: {', '.join(names())}")
+    if name in _NEEDS_ROOT and root is None:
+        raise ValueError(f"dataset {name!r} needs root ({_NEEDS_ROOT[name]})")
+    if name != "imagenet" and image_size is not None:
+        raise ValueError(
+            f"image_size applies to image folders; dataset {name!r} has a fixed image size, got {image_size!r}"
+        )
     if name == "cifar10":
-        if root is None:
-            raise ValueError(
-                f"dataset 'cifar10' needs root (the folder with the python batches); {_CIFAR10_HOW}"
-            )
         return load_cifar10(root)
     if name == "digits":
         if root is not None:
@@ -302,4 +368,4 @@ def load(name: str, root: Optional[Union[str, Path]] = None) -> ArrayDataset:
                 f"dataset 'digits' is bundled with scikit-learn and takes no root, got root={root!r}"
             )
         return load_digits()
-    raise ValueError(f"unknown dataset {name!r}; known datasets: {', '.join(names())}")
+    return load_imagenet(root, image_size=224 if image_size is None else image_size)

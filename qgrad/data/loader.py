@@ -11,7 +11,7 @@ import torch
 from torch import Tensor
 from torch.nn import functional as F
 
-__all__ = ["DeviceLoader", "random_crop_flip"]
+__all__ = ["DeviceLoader", "random_crop_flip", "check_batching", "epoch_generator", "batch_spans"]
 
 
 def _check_int(name: str, value, low: int, high: Optional[int] = None) -> int:
@@ -24,6 +24,74 @@ def _check_int(name: str, value, low: int, high: Optional[int] = None) -> int:
         bound = f"an int >= {low}" if high is None else f"an int in [{low}, {high})"
         raise ValueError(f"{name} must be {bound}, got {value!r}")
     return int(value)
+
+
+def check_batching(
+    num_samples: int,
+    batch_size,
+    drop_last,
+    rank,
+    world_size,
+    memory_format: torch.memory_format,
+    sample_dim: int,
+) -> Tuple[int, int, int]:
+    """Check the batching arguments shared by qgrad's loaders; returns ``(batch_size, rank, world_size)``.
+
+    ``sample_dim`` is the number of dimensions of an input batch (4 for ``(N, C, H, W)`` images).
+    """
+    batch_size = _check_int("batch_size", batch_size, 1)
+    if not isinstance(drop_last, bool):
+        raise ValueError(f"drop_last must be a bool, got {drop_last!r}")
+    if drop_last and batch_size > num_samples:
+        raise ValueError(
+            f"batch_size {batch_size} exceeds the {num_samples} samples and drop_last=True: every epoch "
+            "would be empty"
+        )
+    world_size = _check_int("world_size", world_size, 1)
+    rank = _check_int("rank", rank, 0, world_size)
+    if world_size > 1 and (batch_size % world_size or not drop_last):
+        raise ValueError(
+            f"a loader shared by {world_size} processes needs a batch_size divisible by {world_size} and "
+            f"drop_last=True, got batch_size={batch_size}, drop_last={drop_last}"
+        )
+    ranks = {torch.channels_last: 4, torch.channels_last_3d: 5}
+    if memory_format is not torch.contiguous_format and memory_format not in ranks:
+        raise ValueError(
+            "memory_format must be torch.contiguous_format, torch.channels_last or torch.channels_last_3d, "
+            f"got {memory_format!r}"
+        )
+    if memory_format in ranks and sample_dim != ranks[memory_format]:
+        raise ValueError(
+            f"memory_format {memory_format} needs {ranks[memory_format]}-d inputs, got {sample_dim}-d ones"
+        )
+    return batch_size, rank, world_size
+
+
+def epoch_generator(seed: int, epoch: int) -> torch.Generator:
+    """A CPU generator for epoch ``epoch`` of a loader seeded with ``seed``.
+
+    ``numpy.random.SeedSequence`` mixes ``(seed, epoch)`` into well-spread state: nearby seeds or epochs give
+    unrelated streams.
+    """
+    state = np.random.SeedSequence([seed, epoch]).generate_state(2, dtype=np.uint32)
+    return torch.Generator().manual_seed(int(state[0]) << 32 | int(state[1]))
+
+
+def num_batches(num_samples: int, batch_size: int, drop_last: bool) -> int:
+    """Batches per epoch: the last, smaller one counts unless ``drop_last``."""
+    return num_samples // batch_size if drop_last else math.ceil(num_samples / batch_size)
+
+
+def batch_spans(num_samples: int, batch_size: int, drop_last: bool, rank: int, world_size: int):
+    """``(start, stop)`` positions in the epoch's order of this process's part of every batch.
+
+    ``batch_size`` is the batch of all ``world_size`` processes together; process ``rank`` gets positions
+    ``[rank * b, (rank + 1) * b)`` of each batch, ``b = batch_size / world_size``.
+    """
+    part = batch_size // world_size
+    for i in range(num_batches(num_samples, batch_size, drop_last)):
+        start = i * batch_size + rank * part
+        yield start, min(start + part, num_samples)
 
 
 def random_crop_flip(x: Tensor, top: Tensor, left: Tensor, flip: Tensor, padding: int) -> Tensor:
@@ -112,38 +180,18 @@ class DeviceLoader:
             )
         if x.shape[0] == 0:
             raise ValueError("x and y are empty; a loader needs at least one sample")
-        batch_size = _check_int("batch_size", batch_size, 1)
+        batch_size, rank, world_size = check_batching(
+            x.shape[0], batch_size, drop_last, rank, world_size, memory_format, x.dim()
+        )
         crop_padding = _check_int("crop_padding", crop_padding, 0)
         seed = _check_int("seed", seed, 0, 2**63)
-        for name, value in (("shuffle", shuffle), ("flip", flip), ("drop_last", drop_last)):
+        for name, value in (("shuffle", shuffle), ("flip", flip)):
             if not isinstance(value, bool):
                 raise ValueError(f"{name} must be a bool, got {value!r}")
         if (crop_padding or flip) and (x.dim() != 4 or not x.is_floating_point()):
             raise ValueError(
                 f"random crops and flips need floating-point images (N, C, H, W), got a {x.dtype} tensor of "
                 f"shape {tuple(x.shape)}"
-            )
-        if drop_last and batch_size > x.shape[0]:
-            raise ValueError(
-                f"batch_size {batch_size} exceeds the {x.shape[0]} samples and drop_last=True: every epoch "
-                "would be empty"
-            )
-        world_size = _check_int("world_size", world_size, 1)
-        rank = _check_int("rank", rank, 0, world_size)
-        if world_size > 1 and (batch_size % world_size or not drop_last):
-            raise ValueError(
-                f"a loader shared by {world_size} processes needs a batch_size divisible by {world_size} and "
-                f"drop_last=True, got batch_size={batch_size}, drop_last={drop_last}"
-            )
-        ranks = {torch.channels_last: 4, torch.channels_last_3d: 5}
-        if memory_format is not torch.contiguous_format and memory_format not in ranks:
-            raise ValueError(
-                "memory_format must be torch.contiguous_format, torch.channels_last or torch.channels_last_3d, "
-                f"got {memory_format!r}"
-            )
-        if memory_format in ranks and x.dim() != ranks[memory_format]:
-            raise ValueError(
-                f"memory_format {memory_format} needs {ranks[memory_format]}-d inputs, got shape {tuple(x.shape)}"
             )
         device = x.device if device is None else torch.device(device)
         self.x = x.to(device)
@@ -165,24 +213,17 @@ class DeviceLoader:
         return self.x.shape[0]
 
     def __len__(self) -> int:
-        if self.drop_last:
-            return self.num_samples // self.batch_size
-        return math.ceil(self.num_samples / self.batch_size)
+        return num_batches(self.num_samples, self.batch_size, self.drop_last)
 
     def set_epoch(self, epoch: int) -> None:
         """Make the next ``iter()`` run epoch ``epoch`` (int >= 0); later ones continue from there."""
         self._next_epoch = _check_int("epoch", epoch, 0)
 
-    def _generator(self, epoch: int) -> torch.Generator:
-        # SeedSequence mixes (seed, epoch) into well-spread state: nearby seeds/epochs give unrelated streams
-        state = np.random.SeedSequence([self.seed, epoch]).generate_state(2, dtype=np.uint32)
-        return torch.Generator().manual_seed(int(state[0]) << 32 | int(state[1]))
-
     def __iter__(self) -> Iterator[Tuple[Tensor, Tensor]]:
         epoch = self._next_epoch
         self._next_epoch += 1
         n, p = self.num_samples, self.crop_padding
-        gen = self._generator(epoch)
+        gen = epoch_generator(self.seed, epoch)
         order = torch.randperm(n, generator=gen).to(self.device) if self.shuffle else None
         augment = bool(p) or self.flip
         if augment:
@@ -194,10 +235,8 @@ class DeviceLoader:
         return self._batches(order, top, left, flips) if augment else self._batches(order)
 
     def _batches(self, order, top=None, left=None, flips=None) -> Iterator[Tuple[Tensor, Tensor]]:
-        part = self.batch_size // self.world_size
-        for i in range(len(self)):
-            start = i * self.batch_size + self.rank * part
-            stop = min(start + part, self.num_samples)
+        spans = batch_spans(self.num_samples, self.batch_size, self.drop_last, self.rank, self.world_size)
+        for start, stop in spans:
             if order is None:
                 xb, yb = self.x[start:stop], self.y[start:stop]
             else:

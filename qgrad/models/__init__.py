@@ -1,4 +1,4 @@
-"""Model zoo: the networks of the paper's CIFAR-10 experiments, built by name.
+"""Model zoo: the networks of the paper's CIFAR-10 and ImageNet experiments, built by name.
 
 >>> model = get("resnet18", num_classes=10, width=0.5, in_channels=3)
 
@@ -15,12 +15,16 @@ from typing import Callable, Dict, List
 from torch import nn
 
 from qgrad.models._common import check_model_args
-from qgrad.models.resnet import BasicBlock, ResNet18, resnet18
+from qgrad.models.resnet import BasicBlock, ResNet18, resnet18, resnet18_imagenet
 from qgrad.models.vgg import VGGLike, vgg_like
 
-__all__ = ["get", "names", "vgg_like", "resnet18", "VGGLike", "ResNet18", "BasicBlock"]
+__all__ = ["get", "names", "vgg_like", "resnet18", "resnet18_imagenet", "VGGLike", "ResNet18", "BasicBlock"]
 
-_REGISTRY: Dict[str, Callable[..., nn.Module]] = {"vgg_like": vgg_like, "resnet18": resnet18}
+_REGISTRY: Dict[str, Callable[..., nn.Module]] = {
+    "vgg_like": vgg_like,
+    "resnet18": resnet18,
+    "resnet18_imagenet": resnet18_imagenet,
+}
 
 
 def names() -> List[str]:
@@ -32,10 +36,11 @@ def get(name: str, num_classes: int = 10, width: float = 1.0, in_channels: int =
     """Build the model ``name`` (one of :func:`names`) with freshly initialized weights.
 
     Args:
-        name: ``"vgg_like"`` or ``"resnet18"``.
+        name: ``"vgg_like"``, ``"resnet18"`` (CIFAR variant) or ``"resnet18_imagenet"`` (7x7 stem and
+            max-pool, for ImageNet-sized images).
         num_classes: number of output logits, int >= 1.
         width: channel multiplier, finite number > 0 (1.0 is the paper's size).
-        in_channels: channels of the input images, int >= 1 (3 for CIFAR-10, 1 for digits).
+        in_channels: channels of the input images, int >= 1 (3 for CIFAR-10 and ImageNet, 1 for digits).
     """
     if not isinstance(name, str) or name not in _REGISTRY:
         raise ValueError(f"unknown model {name!r}; known models: {', '.join(names())}")

@@ -1,4 +1,5 @@
-"""CIFAR ResNet-18 (He et al. 2016, the 3x3-stem variant without max-pool used for 32x32 images)."""
+"""ResNet-18 (He et al. 2016): the CIFAR variant (3x3 stem, no max-pool, for 32x32 images) and the ImageNet
+one (7x7 stride-2 stem and a 3x3 stride-2 max-pool, for 224x224 images)."""
 
 from __future__ import annotations
 
@@ -7,10 +8,11 @@ from torch.nn import functional as F
 
 from qgrad.models._common import check_model_args, init_weights, scaled
 
-__all__ = ["BasicBlock", "ResNet18", "resnet18"]
+__all__ = ["BasicBlock", "ResNet18", "resnet18", "resnet18_imagenet"]
 
 _STAGES = ((64, 1), (128, 2), (256, 2), (512, 2))  # (channels at width 1, stride of the stage's first block)
 _BLOCKS_PER_STAGE = 2
+STEMS = ("cifar", "imagenet")
 
 
 class BasicBlock(nn.Module):
@@ -47,31 +49,41 @@ class BasicBlock(nn.Module):
 
 
 class ResNet18(nn.Module):
-    """ResNet-18 for small images.
+    """ResNet-18, for small images (``stem="cifar"``) or ImageNet-sized ones (``stem="imagenet"``).
 
     Layers (``c(n) = max(1, int(round(n * width)))``)::
 
-        stem:   Conv3x3(in_channels -> c(64), stride 1, padding 1, bias=False) BN2d ReLU      (no max-pool)
+        stem "cifar":    Conv3x3(in_channels -> c(64), stride 1, padding 1, bias=False) BN2d ReLU
+        stem "imagenet": Conv7x7(in_channels -> c(64), stride 2, padding 3, bias=False) BN2d ReLU
+                         MaxPool3x3(stride 2, padding 1)
         layer1: BasicBlock(c(64)  -> c(64),  stride 1)  BasicBlock(c(64)  -> c(64))
         layer2: BasicBlock(c(64)  -> c(128), stride 2)  BasicBlock(c(128) -> c(128))
         layer3: BasicBlock(c(128) -> c(256), stride 2)  BasicBlock(c(256) -> c(256))
         layer4: BasicBlock(c(256) -> c(512), stride 2)  BasicBlock(c(512) -> c(512))
         head:   AdaptiveAvgPool2d(1) Flatten Linear(c(512) -> num_classes)
 
-    The first block of layer2..layer4 has a 1x1-conv + BN shortcut (see :class:`BasicBlock`). At width 1 with
-    10 classes the network has **11,173,962** parameters.
+    The first block of layer2..layer4 has a 1x1-conv + BN shortcut (see :class:`BasicBlock`). At width 1 the
+    CIFAR variant with 10 classes has **11,173,962** parameters, the ImageNet variant with 1000 classes
+    **11,689,512** (the layer list and count of the usual ImageNet ResNet-18; its shortcut modules are named
+    ``shortcut`` where torchvision's are ``downsample``).
 
-    Shape: input ``(N, in_channels, H, W)``, any ``H, W >= 1`` (the global average pool absorbs the size);
-    output logits ``(N, num_classes)``.
+    Shape: input ``(N, in_channels, H, W)``, any ``H, W >= 1`` (the global average pool absorbs the size; the
+    ImageNet stem divides it by 4 before layer1); output logits ``(N, num_classes)``.
     """
 
-    def __init__(self, num_classes: int = 10, width: float = 1.0, in_channels: int = 3):
+    def __init__(self, num_classes: int = 10, width: float = 1.0, in_channels: int = 3, stem: str = "cifar"):
         super().__init__()
         check_model_args(num_classes, width, in_channels)
-        stem = scaled(_STAGES[0][0], width)
-        self.conv1 = nn.Conv2d(in_channels, stem, 3, stride=1, padding=1, bias=False)
-        self.bn1 = nn.BatchNorm2d(stem)
-        channels = stem
+        if stem not in STEMS:
+            raise ValueError(f"stem must be one of {STEMS}, got {stem!r}")
+        channels = scaled(_STAGES[0][0], width)
+        if stem == "cifar":
+            self.conv1 = nn.Conv2d(in_channels, channels, 3, stride=1, padding=1, bias=False)
+            self.pool1 = nn.Identity()
+        else:
+            self.conv1 = nn.Conv2d(in_channels, channels, 7, stride=2, padding=3, bias=False)
+            self.pool1 = nn.MaxPool2d(3, stride=2, padding=1)
+        self.bn1 = nn.BatchNorm2d(channels)
         for i, (out, stride) in enumerate(_STAGES, start=1):
             out = scaled(out, width)
             blocks = [BasicBlock(channels, out, stride)]
@@ -83,7 +95,7 @@ class ResNet18(nn.Module):
         init_weights(self)
 
     def forward(self, x: Tensor) -> Tensor:
-        out = F.relu(self.bn1(self.conv1(x)))
+        out = self.pool1(F.relu(self.bn1(self.conv1(x))))
         out = self.layer4(self.layer3(self.layer2(self.layer1(out))))
         return self.fc(self.pool(out).flatten(1))
 
@@ -91,3 +103,8 @@ class ResNet18(nn.Module):
 def resnet18(num_classes: int = 10, width: float = 1.0, in_channels: int = 3) -> ResNet18:
     """Build :class:`ResNet18`; see its docstring for the layer list and parameter count."""
     return ResNet18(num_classes=num_classes, width=width, in_channels=in_channels)
+
+
+def resnet18_imagenet(num_classes: int = 1000, width: float = 1.0, in_channels: int = 3) -> ResNet18:
+    """Build the ImageNet :class:`ResNet18` (7x7 stride-2 stem and max-pool); see its docstring."""
+    return ResNet18(num_classes=num_classes, width=width, in_channels=in_channels, stem="imagenet")
