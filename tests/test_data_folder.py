@@ -16,7 +16,6 @@ from qgrad.data.folder import (
     IMAGENET_MEAN,
     IMAGENET_STD,
     eval_image,
-    find_images,
     random_resized_crop_box,
     train_image,
 )

@@ -251,3 +251,24 @@ def test_bad_arguments(name, kwargs, match):
     builders = {"vgg_like": VGGLike, "resnet18": ResNet18, "resnet18_imagenet": models.resnet18_imagenet}
     with pytest.raises(ValueError, match=match):
         builders[name](**kwargs)
+
+
+def test_resnet_loads_torchvision_style_state_dicts():
+    """torchvision names the shortcut ``downsample`` and its older files lack ``num_batches_tracked``."""
+    torch.manual_seed(0)
+    source = models.get("resnet18_imagenet", num_classes=1000, width=0.125)
+    for bn in source.modules():
+        if isinstance(bn, nn.BatchNorm2d):
+            bn.running_mean.uniform_(-1, 1)
+            bn.running_var.uniform_(0.5, 2)
+    theirs = {
+        k.replace(".shortcut.", ".downsample."): v.clone()
+        for k, v in source.state_dict().items()
+        if not k.endswith("num_batches_tracked")
+    }
+    assert any(".downsample." in k for k in theirs)
+    target = models.get("resnet18_imagenet", num_classes=1000, width=0.125)
+    target.load_state_dict(theirs)  # strict: every key found, none left over
+    x = torch.randn(2, 3, 32, 32)
+    torch.testing.assert_close(target.eval()(x), source.eval()(x), rtol=0, atol=0)
+    assert not any(".shortcut." in k for k in theirs)  # the caller's dict is left as it was

@@ -358,7 +358,8 @@ def load(
         raise ValueError(f"dataset {name!r} needs root ({_NEEDS_ROOT[name]})")
     if name != "imagenet" and image_size is not None:
         raise ValueError(
-            f"image_size applies to image folders; dataset {name!r} has a fixed image size, got {image_size!r}"
+            f"image_size applies to image folders; dataset {name!r} has a fixed image size, "
+            f"got {image_size!r}"
         )
     if name == "cifar10":
         return load_cifar10(root)

@@ -57,8 +57,8 @@ TRAIN_DIR, VAL_DIR = "train", "val"
 CROP_SCALE = (0.08, 1.0)
 CROP_RATIO = (3.0 / 4.0, 4.0 / 3.0)
 _HOW = (
-    f"give the folder that holds '{TRAIN_DIR}/' and '{VAL_DIR}/', each with one sub-folder of images per class "
-    "(the layout of torchvision's ImageFolder)"
+    f"give the folder that holds '{TRAIN_DIR}/' and '{VAL_DIR}/', each with one sub-folder of images per "
+    "class (the layout of torchvision's ImageFolder)"
 )
 
 Sample = Tuple[str, int]  # (file path, label)
@@ -151,7 +151,8 @@ def center_crop_box(width: int, height: int, size: int) -> Tuple[int, int, int, 
 
 
 def _shorter_side_to(width: int, height: int, size: int) -> Tuple[int, int]:
-    """The ``(width, height)`` with the shorter side ``size`` and the aspect ratio kept (longer side floored)."""
+    """The ``(width, height)`` with the shorter side ``size`` and the aspect ratio kept (longer side
+    floored)."""
     if width <= height:
         return size, int(size * height / width)
     return int(size * width / height), size
@@ -178,14 +179,16 @@ def train_image(path: str, image_size: int, rng: np.random.Generator) -> Tensor:
 
     image = _open_rgb(path)
     left, top, w, h = random_resized_crop_box(image.width, image.height, rng)
-    image = image.resize((image_size, image_size), Image.Resampling.BILINEAR, box=(left, top, left + w, top + h))
+    box = (left, top, left + w, top + h)
+    image = image.resize((image_size, image_size), Image.Resampling.BILINEAR, box=box)
     if rng.random() < 0.5:
         image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
     return _to_tensor(image)
 
 
 def eval_image(path: str, image_size: int, resize_size: int) -> Tensor:
-    """The evaluation view of one image: shorter side to ``resize_size``, central crop, uint8 ``(3, S, S)``."""
+    """The evaluation view of one image: shorter side to ``resize_size``, then the central window, uint8
+    ``(3, image_size, image_size)``."""
     from PIL import Image
 
     image = _open_rgb(path)
@@ -411,7 +414,8 @@ class FolderDataset:
 def load_imagenet(
     root: Union[str, Path], image_size: int = 224, resize_size: Optional[int] = None
 ) -> FolderDataset:
-    """ImageNet (or any dataset in its layout) from ``root/train`` and ``root/val``; see :mod:`qgrad.data.folder`.
+    """ImageNet, or any dataset in its layout, from ``root/train`` and ``root/val`` (see
+    :mod:`qgrad.data.folder`).
 
     Only the file names are read here (a walk over the folders); images are decoded by the loaders.
 

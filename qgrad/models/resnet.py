@@ -42,6 +42,13 @@ class BasicBlock(nn.Module):
         else:
             self.shortcut = nn.Identity()
 
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # torchvision's BasicBlock calls the shortcut "downsample": its checkpoints load under either name
+        old = prefix + "downsample."
+        for key in [k for k in state_dict if k.startswith(old)]:
+            state_dict[prefix + "shortcut." + key[len(old):]] = state_dict.pop(key)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
     def forward(self, x: Tensor) -> Tensor:
         out = F.relu(self.bn1(self.conv1(x)))
         out = self.bn2(self.conv2(out))
@@ -64,8 +71,10 @@ class ResNet18(nn.Module):
 
     The first block of layer2..layer4 has a 1x1-conv + BN shortcut (see :class:`BasicBlock`). At width 1 the
     CIFAR variant with 10 classes has **11,173,962** parameters, the ImageNet variant with 1000 classes
-    **11,689,512** (the layer list and count of the usual ImageNet ResNet-18; its shortcut modules are named
-    ``shortcut`` where torchvision's are ``downsample``).
+    **11,689,512**: the layer list and parameter names of torchvision's ``resnet18``, except that the shortcut
+    modules are named ``shortcut`` where torchvision's are ``downsample``. ``load_state_dict`` accepts either
+    name, so torchvision's ImageNet weights load into ``resnet18_imagenet`` as they are (the paper fine-tunes
+    a pre-trained ResNet-18 on ImageNet).
 
     Shape: input ``(N, in_channels, H, W)``, any ``H, W >= 1`` (the global average pool absorbs the size; the
     ImageNet stem divides it by 4 before layer1); output logits ``(N, num_classes)``.
