@@ -267,3 +267,12 @@ def test_train_and_sweep_on_an_image_folder(tmp_path, capsys):
         (None, None, 4), (8, 8, 4)
     ]
     assert result["dataset"] == "imagenet" and "| 8 " in printed
+
+    # fine-tuning from a torchvision-style weights file (a bare state_dict, shortcuts named "downsample")
+    trained = torch.load(out / "model.pt", weights_only=True)["model"]
+    theirs = {k.replace(".shortcut.", ".downsample."): v for k, v in trained.items()}
+    torch.save(theirs, tmp_path / "torchvision.pth")
+    tuned = tmp_path / "tuned"
+    init = ["--init", str(tmp_path / "torchvision.pth"), "--epochs", "1", "--out", str(tuned)]
+    assert main([*args[:args.index("--epochs")], "--penalty", "l1", *init, "--no-progress"]) == 0
+    assert _metrics(tuned)[0]["penalty"] > 0
