@@ -99,11 +99,15 @@ def test_matches_torchvision_imagefolder_where_installed(tree):
     assert ours.train_samples == [(p, label) for p, label in theirs.samples]
 
 
-def test_load_by_name_and_defaults(tree):
+def test_load_by_name_and_defaults(tree, monkeypatch):
     root, _ = tree
     ds = data.load("imagenet", root=root)
     assert (ds.name, ds.image_size, ds.resize_size) == ("imagenet", 224, 256)
     assert data.load("imagenet", root=root, image_size=32).resize_size == 37  # round(32 * 256 / 224)
+    monkeypatch.chdir(root.parent)
+    relative = load_imagenet(root.name, image_size=8)
+    monkeypatch.chdir(root / "train")  # the paths were made absolute: still found from elsewhere
+    assert relative.root == root and len(list(relative.loader("test", 4, workers=0))) == 1
 
 
 def test_missing_or_misplaced_folders_are_named(tmp_path, tree):
@@ -315,3 +319,11 @@ def test_decoding_takes_the_image_size_into_account(tmp_path):
         (x, y), = list(ds.loader(split, 1, augment=augment, workers=0))
         assert x.shape == (1, 3, 8, 8) and torch.isfinite(x).all() and y.tolist() == [0]
     assert math.isclose(ds.resize_size, 9)
+
+
+def test_sample_table_round_trips_paths():
+    from qgrad.data.folder import _SampleTable
+
+    samples = [("/a/b.png", 0), ("/données/ç é.JPEG", 3), ("", 1), ("/x/" + "y" * 300 + ".png", 2)]
+    table = _SampleTable(samples)
+    assert len(table) == 4 and [table[i] for i in range(4)] == samples

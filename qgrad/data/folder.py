@@ -197,6 +197,28 @@ def eval_image(path: str, image_size: int, resize_size: int) -> Tensor:
     return _to_tensor(image.crop((left, top, left + w, top + h)))
 
 
+class _SampleTable:
+    """``(path, label)`` pairs packed into three numpy arrays.
+
+    Worker processes share the arrays with the main process page by page. A list of Python tuples would be
+    copied into every worker bit by bit instead, as reading an object updates its reference count (1.28
+    million ImageNet samples take about 200 MB as tuples, about 80 MB here).
+    """
+
+    def __init__(self, samples: Sequence[Sample]):
+        encoded = [os.fsencode(path) for path, _ in samples]
+        self.ends = np.cumsum([len(b) for b in encoded], dtype=np.int64)
+        self.chars = np.frombuffer(b"".join(encoded), dtype=np.uint8)
+        self.labels = np.array([label for _, label in samples], dtype=np.int64)
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, index: int) -> Sample:
+        start = int(self.ends[index - 1]) if index else 0
+        return os.fsdecode(self.chars[start : self.ends[index]].tobytes()), int(self.labels[index])
+
+
 class _EpochImages(torch.utils.data.Dataset):
     """The decoded samples of one epoch; sample ``i``'s random crop and flip come from ``(seed, epoch, i)``,
     so they do not depend on the batch size, the order, or which worker decodes it."""
@@ -238,7 +260,7 @@ class FolderLoader:
     index)``, so the batches are the same for any number of ``workers``.
 
     Args:
-        samples: ``(path, label)`` pairs (see :func:`find_images`).
+        samples: ``(path, label)`` pairs (see :func:`find_images`); the loader keeps a packed copy.
         batch_size: samples per batch (of all processes together), int >= 1.
         image_size: side of the square inputs, int >= 8.
         resize_size: evaluation only: the shorter side before the central crop, int >= ``image_size``.
@@ -279,7 +301,7 @@ class FolderLoader:
                 raise ValueError(f"{name} must be a bool, got {value!r}")
         if len(mean) != 3 or len(std) != 3 or min(std) <= 0:
             raise ValueError(f"mean and std need 3 entries each and std > 0, got {mean!r} and {std!r}")
-        self.samples = list(samples)
+        self.samples = _SampleTable(samples)
         self.batch_size, self.image_size, self.resize_size = batch_size, image_size, resize_size
         self.shuffle, self.augment, self.seed = shuffle, augment, seed
         self.device = torch.device("cpu") if device is None else torch.device(device)
@@ -434,14 +456,14 @@ def load_imagenet(
         import PIL  # noqa: F401
     except ImportError as exc:
         raise ImportError("reading image folders needs Pillow: pip install pillow") from exc
-    root = Path(root).expanduser()
+    root = Path(root).expanduser().absolute()  # the samples' paths stay valid after a change of directory
     if not root.is_dir():
         raise FileNotFoundError(f"image folder root {root} does not exist; {_HOW}")
     classes, train = find_images(root / TRAIN_DIR)
     _, test = find_images(root / VAL_DIR, {name: i for i, name in enumerate(classes)})
     return FolderDataset(
         name="imagenet",
-        root=root.resolve(),
+        root=root,
         classes=tuple(classes),
         train_samples=train,
         test_samples=test,
