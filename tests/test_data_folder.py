@@ -152,14 +152,14 @@ def test_eval_view_is_the_central_window_of_the_resized_image(tmp_path):
     path = save(tmp_path / "im.png", array)
     view = eval_image(str(path), image_size=8, resize_size=12)
     top, left = round((20 - 8) / 2), round((12 - 8) / 2)
-    expected = torch.from_numpy(array[top : top + 8, left : left + 8]).permute(2, 0, 1)
+    expected = torch.from_numpy(array[top : top + 8, left : left + 8])
     assert view.dtype == torch.uint8 and torch.equal(view, expected)
     # a real resize: the shorter side becomes resize_size, the longer keeps the aspect ratio (floored)
     big = eval_image(str(path), image_size=16, resize_size=18)
-    assert big.shape == (3, 16, 16)
+    assert big.shape == (16, 16, 3)
     resized = np.array(Image.fromarray(array).resize((18, 30), Image.Resampling.BILINEAR))
     top, left = round((30 - 16) / 2), round((18 - 16) / 2)
-    assert torch.equal(big, torch.from_numpy(resized[top : top + 16, left : left + 16]).permute(2, 0, 1))
+    assert torch.equal(big, torch.from_numpy(resized[top : top + 16, left : left + 16]))
 
 
 class FixedRng:
@@ -184,8 +184,8 @@ def test_train_view_whole_image_and_flip(tmp_path, flip_draw):
     path = save(tmp_path / "im.png", array)
     # area fraction 1 and aspect ratio exp(0) = 1: the crop is the whole image, resized to its own size
     view = train_image(str(path), 16, FixedRng([1.0, 0.0], flip_draw))
-    expected = torch.from_numpy(array).permute(2, 0, 1)
-    assert torch.equal(view, expected.flip(-1) if flip_draw < 0.5 else expected)
+    expected = torch.from_numpy(array)
+    assert torch.equal(view, expected.flip(1) if flip_draw < 0.5 else expected)
 
 
 def test_random_resized_crop_boxes_stay_in_bounds():
@@ -228,7 +228,7 @@ def test_batches_are_normalized_uint8_views(tree):
     batches = list(loader)
     assert [tuple(x.shape) for x, _ in batches] == [(2, 3, 8, 8), (1, 3, 8, 8)] and len(loader) == 2
     x = torch.cat([b[0] for b in batches])
-    raw = torch.stack([eval_image(p, 8, 12) for p, _ in ds.test_samples]).double() / 255
+    raw = torch.stack([eval_image(p, 8, 12) for p, _ in ds.test_samples]).permute(0, 3, 1, 2).double() / 255
     mean = torch.tensor(IMAGENET_MEAN, dtype=torch.float64).view(1, 3, 1, 1)
     std = torch.tensor(IMAGENET_STD, dtype=torch.float64).view(1, 3, 1, 1)
     assert x.dtype == torch.float32
@@ -262,7 +262,7 @@ def test_augmented_epochs_are_reproducible_and_independent_of_workers(tree):
     order = torch.randperm(7, generator=data.loader.epoch_generator(3, 0)).tolist()
     views = torch.stack(
         [train_image(ds.train_samples[i][0], 8, np.random.default_rng([3, 0, i])) for i in order]
-    )
+    ).permute(0, 3, 1, 2)
     mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
     std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
     torch.testing.assert_close(one, (views / 255 - mean) / std, rtol=0, atol=1e-5)
@@ -284,7 +284,7 @@ def test_channels_last_batches(tree):
     ds = load_imagenet(root, image_size=8)
     plain = collect(ds.loader("test", 3, workers=0))
     last = collect(ds.loader("test", 3, workers=0, memory_format=torch.channels_last))
-    assert last[0][0].is_contiguous(memory_format=torch.channels_last)
+    assert plain[0][0].is_contiguous() and last[0][0].is_contiguous(memory_format=torch.channels_last)
     assert same(plain, last)
 
 

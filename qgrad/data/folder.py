@@ -169,12 +169,13 @@ def _open_rgb(path: str):
 
 
 def _to_tensor(image) -> Tensor:
-    """A PIL RGB image -> uint8 ``(3, H, W)``."""
-    return torch.from_numpy(np.asarray(image, dtype=np.uint8).copy()).permute(2, 0, 1).contiguous()
+    """A PIL RGB image -> uint8 ``(H, W, 3)``, its own memory order (the loader permutes whole batches on the
+    device)."""
+    return torch.from_numpy(np.array(image, dtype=np.uint8))
 
 
 def train_image(path: str, image_size: int, rng: np.random.Generator) -> Tensor:
-    """The training view of one image: random resized crop and flip, uint8 ``(3, image_size, image_size)``."""
+    """The training view of one image: random resized crop and flip, uint8 ``(image_size, image_size, 3)``."""
     from PIL import Image
 
     image = _open_rgb(path)
@@ -188,7 +189,7 @@ def train_image(path: str, image_size: int, rng: np.random.Generator) -> Tensor:
 
 def eval_image(path: str, image_size: int, resize_size: int) -> Tensor:
     """The evaluation view of one image: shorter side to ``resize_size``, then the central window, uint8
-    ``(3, image_size, image_size)``."""
+    ``(image_size, image_size, 3)``."""
     from PIL import Image
 
     image = _open_rgb(path)
@@ -343,7 +344,9 @@ class FolderLoader:
 
     def _batches(self, loader) -> Iterator[Tuple[Tensor, Tensor]]:
         for images, labels in loader:
-            x = images.to(self.device, non_blocking=True).float().sub_(self._shift).div_(self._scale)
+            # (B, H, W, 3) -> (B, 3, H, W) as a view: channels-last strides, kept by the float copy
+            x = images.to(self.device, non_blocking=True).permute(0, 3, 1, 2)
+            x = x.float().sub_(self._shift).div_(self._scale)
             yield x.contiguous(memory_format=self.memory_format), labels.to(self.device, non_blocking=True)
 
 
