@@ -509,7 +509,13 @@ def _train_epoch(model, loader, optimizer, scheduler, penalty, device, desc, pro
     correct = torch.zeros((), dtype=torch.int64, device=device)
     terms: Dict[str, float] = {}
     count, steps = 0, 0
-    bar = tqdm(loader, desc=desc, leave=False, dynamic_ncols=True, disable=None if progress else True)
+    # iter() starts the loader's next epoch: call it once here. Handed the loader itself, tqdm.auto's class
+    # calls iter() in its constructor and again when iterated, so every epoch would train on the next one's
+    # order and augmentation.
+    batches = iter(loader)
+    bar = tqdm(
+        batches, total=len(loader), desc=desc, leave=False, dynamic_ncols=True, disable=None if progress else True
+    )
     for x, y in bar:
         optimizer.zero_grad(set_to_none=True)
         out = model(x)

@@ -331,3 +331,19 @@ def test_evaluate_matches_a_direct_computation():
     assert loss == pytest.approx(nn.functional.cross_entropy(logits, y).item(), rel=1e-6)
     assert acc == pytest.approx(100.0 * (logits.argmax(1) == y).float().mean().item())
     assert model.training
+
+
+@pytest.mark.parametrize("progress", [False, True])
+def test_epoch_e_trains_on_the_loaders_epoch_e(tmp_path, monkeypatch, progress):
+    """The documented data order: epoch e of a run is epoch e of its training loader, started once."""
+    started = []
+    real_iter = DeviceLoader.__iter__
+
+    def spy(self):
+        if self.shuffle:  # the training loader (the test loader does not shuffle)
+            started.append(self._next_epoch)
+        return real_iter(self)
+
+    monkeypatch.setattr(DeviceLoader, "__iter__", spy)
+    train(TrainConfig(**TINY, epochs=2, out=str(tmp_path / "run")), progress=progress)
+    assert started == [0, 1]
