@@ -306,8 +306,10 @@ def test_an_unreadable_image_is_named(tree):
     bad = root / "val" / "n01_dog" / "v2.png"
     bad.write_bytes(b"\x89PNG\r\n\x1a\n truncated")
     ds = load_imagenet(root, image_size=8)
-    with pytest.raises(OSError, match=r"cannot read image .*v2\.png"):
-        list(ds.loader("test", 4, workers=0))
+    for workers in (0, 1):  # in the calling process, or in a worker: the same one-line message
+        with pytest.raises(OSError, match=r"^cannot read image \S*v2\.png: \w+") as info:
+            list(ds.loader("test", 4, workers=workers))
+        assert "\n" not in str(info.value)
 
 
 def test_decoding_takes_the_image_size_into_account(tmp_path):
@@ -327,3 +329,26 @@ def test_sample_table_round_trips_paths():
     samples = [("/a/b.png", 0), ("/données/ç é.JPEG", 3), ("", 1), ("/x/" + "y" * 300 + ".png", 2)]
     table = _SampleTable(samples)
     assert len(table) == 4 and [table[i] for i in range(4)] == samples
+
+
+def test_hidden_entries_and_link_loops_are_skipped(tree):
+    root, _ = tree
+    before = load_imagenet(root, image_size=8).train_samples
+    save(root / "train" / ".ipynb_checkpoints" / "x.png", pixels(5, 9, 9))  # would become class 0
+    save(root / "train" / "n02_cat" / ".ipynb_checkpoints" / "b-checkpoint.png", pixels(6, 9, 9))
+    (root / "train" / "n02_cat" / "._b.png").write_bytes(b"\x00\x05\x16\x07 AppleDouble")
+    (root / "train" / "n01_dog" / "up").symlink_to("..")  # train/: would list every class under n01_dog
+    (root / "train" / "n01_dog" / "self").symlink_to(".")
+    with pytest.warns(UserWarning, match=r"hidden folders are not classes, skipped \.ipynb_checkpoints"):
+        ds = load_imagenet(root, image_size=8)
+    assert ds.classes == ("n01_dog", "n02_cat", "n03_fox") and ds.train_samples == before
+
+
+def test_linked_folders_are_followed(tree, tmp_path):
+    root, _ = tree
+    elsewhere = tmp_path / "more_foxes"
+    save(elsewhere / "m.png", pixels(7, 9, 9))
+    (root / "train" / "n03_fox" / "more").symlink_to(elsewhere)
+    ds = load_imagenet(root, image_size=8)
+    assert ds.train_samples[-1] == (str(root / "train" / "n03_fox" / "more" / "m.png"), 2)
+    assert len(ds.train_samples) == 8

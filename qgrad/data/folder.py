@@ -8,9 +8,10 @@ A dataset root holds one folder per split, ``train/`` and ``val/``, and in each 
 
 This is ``torchvision.datasets.ImageFolder``'s layout and its conventions: classes are the sorted names of the
 class folders (label ``i`` is the ``i``-th), every class folder is walked recursively (symbolic links
-followed), files are kept by extension (case-insensitive) and taken in sorted order. The validation split uses
-the training split's labels, so it may hold a subset of the classes. Images are decoded with Pillow and
-converted to RGB; torchvision is not needed.
+followed), files are kept by extension (case-insensitive) and taken in sorted order. Two differences keep
+stray files out: hidden names (a leading ".") are skipped, folders and files alike, and a symbolic link back
+to a class folder or above it is not walked. The validation split uses the training split's labels, so it may
+hold a subset of the classes. Images are decoded with Pillow and converted to RGB; torchvision is not needed.
 
 Preprocessing is the usual ImageNet recipe, on the decoded image:
 
@@ -28,6 +29,7 @@ from __future__ import annotations
 
 import math
 import os
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, List, Optional, Sequence, Tuple, Union
@@ -82,7 +84,10 @@ def find_images(split_dir: Path, class_to_idx: Optional[dict] = None) -> Tuple[L
     if not split_dir.is_dir():
         raise FileNotFoundError(f"{split_dir} does not exist; {_HOW}")
     with os.scandir(split_dir) as entries:
-        entries = list(entries)
+        entries = [e for e in entries if not e.name.startswith(".")]
+        hidden = sorted(e.name for e in os.scandir(split_dir) if e.name.startswith(".") and e.is_dir())
+    if hidden:  # .ipynb_checkpoints, .Trash-1000, ...: taken as classes, they would shift every label
+        warnings.warn(f"{split_dir}: hidden folders are not classes, skipped {', '.join(hidden)}", stacklevel=3)
     classes = sorted(e.name for e in entries if e.is_dir())
     if not classes:
         loose = sum(e.is_file() and e.name.lower().endswith(IMAGE_EXTENSIONS) for e in entries)
@@ -98,12 +103,7 @@ def find_images(split_dir: Path, class_to_idx: Optional[dict] = None) -> Tuple[L
     samples: List[Sample] = []
     empty = []
     for name in sorted(classes, key=class_to_idx.__getitem__):
-        found = [
-            os.path.join(folder, file)
-            for folder, _, files in sorted(os.walk(split_dir / name, followlinks=True))
-            for file in sorted(files)
-            if file.lower().endswith(IMAGE_EXTENSIONS)
-        ]
+        found = _images_under(str(split_dir / name))
         if not found:
             empty.append(name)
         samples += [(path, class_to_idx[name]) for path in found]
@@ -113,6 +113,28 @@ def find_images(split_dir: Path, class_to_idx: Optional[dict] = None) -> Tuple[L
             f"images end in {', '.join(IMAGE_EXTENSIONS)}"
         )
     return classes, samples
+
+
+def _images_under(folder: str) -> List[str]:
+    """The image files under ``folder``, recursively: folder by folder in sorted order of their paths, each
+    folder's files sorted.
+
+    Symbolic links are followed, but a folder is walked once, and a link back to ``folder`` or above it is
+    not walked (it would list other classes' images under this one). Hidden names (a leading ".": macOS's
+    ``._*`` files, ``.ipynb_checkpoints``) are skipped.
+    """
+    top = os.path.realpath(folder)
+    seen, listed = set(), []
+    for current, dirs, files in os.walk(folder, followlinks=True):
+        real = os.path.realpath(current)
+        if real in seen or (current != folder and (top + os.sep).startswith(real + os.sep)):
+            dirs[:] = []
+            continue
+        seen.add(real)
+        dirs[:] = [d for d in dirs if not d.startswith(".")]
+        images = [f for f in files if not f.startswith(".") and f.lower().endswith(IMAGE_EXTENSIONS)]
+        listed.append((current, sorted(images)))
+    return [os.path.join(current, file) for current, images in sorted(listed) for file in images]
 
 
 def random_resized_crop_box(
@@ -343,6 +365,17 @@ class FolderLoader:
         return self._batches(loader)
 
     def _batches(self, loader) -> Iterator[Tuple[Tensor, Tensor]]:
+        try:
+            yield from self._normalized(loader)
+        except OSError as exc:
+            # raised again from a worker process: its message holds the worker's whole traceback; keep the
+            # last line, which names the file
+            text = str(exc).strip()
+            if "Original Traceback" not in text:
+                raise
+            raise OSError(text.splitlines()[-1].split(": ", 1)[-1]) from None
+
+    def _normalized(self, loader) -> Iterator[Tuple[Tensor, Tensor]]:
         for images, labels in loader:
             # (B, H, W, 3) -> (B, 3, H, W) as a view: channels-last strides, kept by the float copy
             x = images.to(self.device, non_blocking=True).permute(0, 3, 1, 2)
