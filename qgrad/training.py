@@ -90,7 +90,8 @@ class TrainConfig:
         data_root: dataset directory, ``None`` for datasets that need none.
         image_size: ``"imagenet"`` only: side of the square input crops; ``None`` picks 224.
         workers: ``"imagenet"`` only: processes that decode images for each training process; ``None``
-            picks the number of usable CPU cores, at most 8. The batches do not depend on it.
+            picks the usable CPU cores divided among the machine's training processes, at least 1 and at most
+            8 (:func:`qgrad.data.folder.default_workers`). The batches do not depend on it.
         width: channel multiplier passed to ``qgrad.models.get``.
         epochs: length of the run; the cosine learning-rate schedule spans all of it (stepped once per batch,
             from ``lr`` down to 0).
@@ -179,6 +180,12 @@ def _check_config(cfg: TrainConfig) -> None:
         isinstance(cfg.workers, bool) or not isinstance(cfg.workers, int) or cfg.workers < 0
     ):
         raise ValueError(f"workers must be an int >= 0 or None, got {cfg.workers!r}")
+    for name in ("image_size", "workers"):
+        if getattr(cfg, name) is not None and cfg.dataset != "imagenet":
+            raise ValueError(
+                f"{name} applies to image folders (dataset 'imagenet'); dataset {cfg.dataset!r} is held in "
+                f"memory at its own size, got {name}={getattr(cfg, name)!r}"
+            )
     if not isinstance(cfg.channels_last, bool):
         raise ValueError(f"channels_last must be True or False, got {cfg.channels_last!r}")
     if cfg.penalty not in PENALTIES:
@@ -482,6 +489,23 @@ def _init_weights(model: nn.Module, cfg: TrainConfig, state: Dict[str, Any]) -> 
         raise CheckpointError(f"init checkpoint {cfg.init} does not fit model {cfg.model!r}: {e}") from e
 
 
+def _warn_if_model_misfits(model: str, data) -> None:
+    """Log a warning when the model's stem is made for another image size than the data's."""
+    size = data.image_size if hasattr(data, "image_size") else min(data.train_x.shape[-2:])
+    if model == "resnet18_imagenet" and size < 64:
+        logger.warning(
+            "resnet18_imagenet's stem (stride 2 and a max-pool) shrinks %d-pixel images to %d before its "
+            "first stage; resnet18 is the variant for small images",
+            size, -(-size // 4),
+        )
+    elif model in ("resnet18", "vgg_like") and size > 64:
+        logger.warning(
+            "%s keeps %d-pixel images at full size in its first stage (it is made for 32x32): its first "
+            "activations are %.0fx larger than at 32x32; resnet18_imagenet has the ImageNet stem",
+            model, size, (size / 32) ** 2,
+        )
+
+
 def _fmt_epoch(row: dict, epochs: int) -> str:
     parts = [f"epoch {row['epoch']}/{epochs}", f"lr {row['lr']:.4g}", f"loss {row['train_loss']:.4f}"]
     if row.get("penalty") is not None:
@@ -659,6 +683,8 @@ def _run(config, resume, stop_after, init_state, processes, device, progress) ->
     model = _build_model(cfg.to_dict())
     if init_state is not None:
         _init_weights(model, cfg, init_state)
+    if main:
+        _warn_if_model_misfits(cfg.model, data)
     layout = torch.channels_last if cfg.channels_last else torch.contiguous_format
     model.to(device=device, memory_format=layout)
 

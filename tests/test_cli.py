@@ -169,6 +169,22 @@ def test_sweep_on_a_dataset_the_model_does_not_fit_is_a_one_line_error(run_dir, 
     assert "model for digits (in_channels 1), which does not fit cifar10 (in_channels 3)" in err
 
 
+def test_sweep_option_errors(run_dir, tmp_path, capsys):
+    assert main(["sweep", str(run_dir), "--workers", "2", "--no-progress"]) == 1
+    assert "--workers applies to image folders" in capsys.readouterr().err
+    # a run whose data folder moved away: the error says where the folder came from
+    from test_data import write_cifar
+
+    moved = tmp_path / "run"
+    write_cifar(tmp_path / "cifar")
+    cfg = ["--dataset", "cifar10", "--data-root", str(tmp_path / "cifar"), "--batch-size", "10"]
+    assert main(["train", *TINY, *cfg, "--epochs", "1", "--out", str(moved)]) == 0
+    (tmp_path / "cifar").rename(tmp_path / "cifar_moved")
+    assert main(["sweep", str(moved), "--no-progress"]) == 1
+    assert "stored with the run; give --data-root if the data moved" in capsys.readouterr().err
+    assert main(["sweep", str(moved), "--data-root", str(tmp_path / "cifar_moved"), "--no-progress"]) == 0
+
+
 def test_sweep_of_a_missing_run_is_a_runtime_error(tmp_path, capsys):
     assert main(["sweep", str(tmp_path / "nothing")]) == 1
     assert str(tmp_path / "nothing") in capsys.readouterr().err

@@ -114,13 +114,13 @@ def test_missing_or_misplaced_folders_are_named(tmp_path, tree):
     root, _ = tree
     with pytest.raises(FileNotFoundError, match="does not exist.*train/.*val/"):
         load_imagenet(tmp_path / "nowhere")
-    with pytest.raises(FileNotFoundError, match=r"imagenet/train/train does not exist"):
+    with pytest.raises(FileNotFoundError, match=r"imagenet/train looks like a split folder; give .*imagenet$"):
         load_imagenet(root / "train")  # one level too deep
     flat = tmp_path / "flat"
     save(flat / "train" / "a" / "x.png", pixels(0, 9, 9))
     for i in range(3):  # the validation images as distributed: all in one folder
         save(flat / "val" / f"ILSVRC2012_val_{i}.JPEG", pixels(i, 9, 9))
-    with pytest.raises(FileNotFoundError, match="val has no class folders. It holds 3 images directly"):
+    with pytest.raises(FileNotFoundError, match=r"val has no class folders \(it holds 3 images directly"):
         load_imagenet(flat)
     (flat / "val" / "b").mkdir()
     save(flat / "val" / "b" / "y.png", pixels(0, 9, 9))
@@ -352,3 +352,14 @@ def test_linked_folders_are_followed(tree, tmp_path):
     ds = load_imagenet(root, image_size=8)
     assert ds.train_samples[-1] == (str(root / "train" / "n03_fox" / "more" / "m.png"), 2)
     assert len(ds.train_samples) == 8
+
+
+def test_default_workers_share_the_cores_among_local_processes(monkeypatch):
+    from qgrad.data.folder import default_workers
+
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(16)), raising=False)
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    assert default_workers() == 8
+    for local, expected in (("2", 8), ("4", 4), ("8", 2), ("32", 1)):
+        monkeypatch.setenv("LOCAL_WORLD_SIZE", local)
+        assert default_workers() == expected

@@ -316,6 +316,12 @@ def test_config_validation():
         train(TrainConfig(penalty="l1", lam=float("nan"), out="x"))
     with pytest.raises(ValueError, match=r"momentum must be in \[0, 1\)"):
         train(TrainConfig(momentum=1.0, out="x"))
+    with pytest.raises(ValueError, match="workers applies to image folders .* dataset 'digits' is held in"):
+        train(TrainConfig(dataset="digits", workers=2, out="x"))
+    with pytest.raises(ValueError, match="image_size applies to image folders"):
+        train(TrainConfig(dataset="cifar10", image_size=64, out="x"))
+    with pytest.raises(ValueError, match="image_size must be an int >= 8 or None"):
+        train(TrainConfig(dataset="imagenet", image_size=4, out="x"))
     with pytest.raises(ValueError, match="unknown TrainConfig fields"):
         TrainConfig.from_dict({"lr": 0.1, "learning_rate": 0.1})
 
@@ -347,3 +353,19 @@ def test_epoch_e_trains_on_the_loaders_epoch_e(tmp_path, monkeypatch, progress):
     monkeypatch.setattr(DeviceLoader, "__iter__", spy)
     train(TrainConfig(**TINY, epochs=2, out=str(tmp_path / "run")), progress=progress)
     assert started == [0, 1]
+
+
+@pytest.mark.parametrize("model, size, warned", [
+    ("resnet18_imagenet", 8, "shrinks 8-pixel images to 2"),
+    ("resnet18", 96, "first activations are 9x larger"),
+    ("vgg_like", 224, "first activations are 49x larger"),
+    ("resnet18", 32, None),
+    ("resnet18_imagenet", 224, None),
+])
+def test_a_model_made_for_another_image_size_is_warned_about(monkeypatch, model, size, warned):
+    from qgrad.training import _warn_if_model_misfits
+
+    messages = []
+    monkeypatch.setattr(qgrad.training.logger, "warning", lambda msg, *args: messages.append(msg % args))
+    _warn_if_model_misfits(model, dataclasses.make_dataclass("D", ["image_size"])(size))
+    assert messages == [] if warned is None else (len(messages) == 1 and warned in messages[0])

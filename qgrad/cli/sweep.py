@@ -96,7 +96,7 @@ def add_parser(sub, parents) -> None:
         "--workers",
         type=int,
         default=None,
-        help="imagenet only: image-decoding processes (default: usable cores, at most 8)",
+        help="imagenet only: image-decoding processes (default: the usable cores, 1 to 8)",
     )
     p.add_argument(
         "--out", default=None, metavar="FILE", help="JSON output (default: sweep.json next to the model)"
@@ -163,11 +163,18 @@ def run(args: argparse.Namespace) -> int:
     file = find_checkpoint(args.source)
     model, config = load_model(file, device=device)
     name = args.dataset or config["dataset"]
+    if args.workers is not None and name != "imagenet":
+        raise ValueError(f"--workers applies to image folders (--dataset imagenet), not to {name!r}")
     root, image_size = args.data_root, None
     if name == config["dataset"]:
         root = config.get("data_root") if root is None else root
         image_size = config.get("image_size")  # the size the model was trained at
-    dataset = load(name, root=root, image_size=image_size)
+    try:
+        dataset = load(name, root=root, image_size=image_size)
+    except FileNotFoundError as exc:
+        if args.data_root is not None:
+            raise
+        raise FileNotFoundError(f"{exc} (the folder stored with the run; give --data-root if the data moved)") from exc
     for key, value in (("in_channels", dataset.in_channels), ("num_classes", dataset.num_classes)):
         if config.get(key) not in (None, value):
             raise ValueError(

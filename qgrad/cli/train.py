@@ -27,7 +27,8 @@ _OPTIONS = (
         "--workers",
         "workers",
         int,
-        "imagenet only: image-decoding processes per training process (default: usable cores, at most 8)",
+        "imagenet only: image-decoding processes per training process (default: the usable cores shared "
+        "among the training processes of the machine, 1 to 8)",
     ),
     ("--width", "width", float, "channel multiplier of the model"),
     ("--epochs", "epochs", int, "epochs of the run; the cosine learning-rate schedule spans all of them"),

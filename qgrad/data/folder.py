@@ -47,6 +47,7 @@ __all__ = [
     "IMAGENET_MEAN",
     "IMAGENET_STD",
     "center_crop_box",
+    "default_workers",
     "find_images",
     "load_imagenet",
     "random_resized_crop_box",
@@ -91,8 +92,8 @@ def find_images(split_dir: Path, class_to_idx: Optional[dict] = None) -> Tuple[L
     classes = sorted(e.name for e in entries if e.is_dir())
     if not classes:
         loose = sum(e.is_file() and e.name.lower().endswith(IMAGE_EXTENSIONS) for e in entries)
-        hint = f" It holds {loose} images directly: sort them into one folder per class." if loose else ""
-        raise FileNotFoundError(f"{split_dir} has no class folders.{hint} {_HOW}")
+        hint = f" (it holds {loose} images directly: sort them into one folder per class)" if loose else ""
+        raise FileNotFoundError(f"{split_dir} has no class folders{hint}; {_HOW}")
     if class_to_idx is None:
         class_to_idx = {name: i for i, name in enumerate(classes)}
     unknown = [name for name in classes if name not in class_to_idx]
@@ -261,12 +262,15 @@ class _EpochImages(torch.utils.data.Dataset):
         return eval_image(path, self.image_size, self.resize_size), label
 
 
-def _default_workers() -> int:
+def default_workers() -> int:
+    """Decoding processes per loader: the usable CPU cores shared among the training processes of this
+    machine (torchrun's ``LOCAL_WORLD_SIZE``), at least 1 and at most 8."""
     try:
         cores = len(os.sched_getaffinity(0))
     except AttributeError:  # not on Linux
         cores = os.cpu_count() or 1
-    return min(8, cores)
+    local_processes = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    return max(1, min(8, cores // local_processes))
 
 
 class FolderLoader:
@@ -288,8 +292,8 @@ class FolderLoader:
         image_size: side of the square inputs, int >= 8.
         resize_size: evaluation only: the shorter side before the central crop, int >= ``image_size``.
         augment: training views (random resized crop and flip) instead of evaluation views.
-        workers: decoding processes, int >= 0 (0 decodes in the calling process); ``None``: the number of
-            usable CPU cores, at most 8.
+        workers: decoding processes, int >= 0 (0 decodes in the calling process); ``None``: see
+            :func:`default_workers`.
         Others: as in :class:`qgrad.data.DeviceLoader`.
     """
 
@@ -318,7 +322,7 @@ class FolderLoader:
         )
         image_size, resize_size = _check_sizes(image_size, resize_size)
         seed = _check_int("seed", seed, 0, 2**63)
-        workers = _default_workers() if workers is None else _check_int("workers", workers, 0)
+        workers = default_workers() if workers is None else _check_int("workers", workers, 0)
         for name, value in (("shuffle", shuffle), ("augment", augment)):
             if not isinstance(value, bool):
                 raise ValueError(f"{name} must be a bool, got {value!r}")
@@ -495,6 +499,8 @@ def load_imagenet(
     root = Path(root).expanduser().absolute()  # the samples' paths stay valid after a change of directory
     if not root.is_dir():
         raise FileNotFoundError(f"image folder root {root} does not exist; {_HOW}")
+    if not (root / TRAIN_DIR).is_dir() and root.name in (TRAIN_DIR, VAL_DIR):
+        raise FileNotFoundError(f"{root} looks like a split folder; give the folder that holds it, {root.parent}")
     classes, train = find_images(root / TRAIN_DIR)
     _, test = find_images(root / VAL_DIR, {name: i for i, name in enumerate(classes)})
     return FolderDataset(
