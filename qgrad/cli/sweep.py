@@ -174,7 +174,8 @@ def run(args: argparse.Namespace) -> int:
     except FileNotFoundError as exc:
         if args.data_root is not None:
             raise
-        raise FileNotFoundError(f"{exc} (the folder stored with the run; give --data-root if the data moved)") from exc
+        hint = "the folder stored with the run; give --data-root if the data moved"
+        raise FileNotFoundError(f"{exc} ({hint})") from exc
     for key, value in (("in_channels", dataset.in_channels), ("num_classes", dataset.num_classes)):
         if config.get(key) not in (None, value):
             raise ValueError(

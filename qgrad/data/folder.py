@@ -500,7 +500,9 @@ def load_imagenet(
     if not root.is_dir():
         raise FileNotFoundError(f"image folder root {root} does not exist; {_HOW}")
     if not (root / TRAIN_DIR).is_dir() and root.name in (TRAIN_DIR, VAL_DIR):
-        raise FileNotFoundError(f"{root} looks like a split folder; give the folder that holds it, {root.parent}")
+        raise FileNotFoundError(
+            f"{root} looks like a split folder; give the folder that holds it, {root.parent}"
+        )
     classes, train = find_images(root / TRAIN_DIR)
     _, test = find_images(root / VAL_DIR, {name: i for i, name in enumerate(classes)})
     return FolderDataset(
