@@ -98,39 +98,22 @@ class ArrayDataset:
         return self.test_x.shape[0]
 
     def loader(
-        self,
-        split: str,
-        batch_size: int,
-        shuffle: bool = False,
-        augment: bool = False,
-        seed: int = 0,
-        device: Optional[Union[str, torch.device]] = None,
-        drop_last: bool = False,
-        rank: int = 0,
-        world_size: int = 1,
-        memory_format: torch.memory_format = torch.contiguous_format,
-        workers: Optional[int] = None,
+        self, split: str, batch_size: int, augment: bool = False, workers: Optional[int] = None, **options
     ) -> DeviceLoader:
-        """A :class:`qgrad.data.DeviceLoader` over ``split`` (``"train"`` or ``"test"``); ``augment`` applies
-        the dataset's random crop (``crop_padding``) and flips (``flip``). ``workers`` is accepted for the
-        same calls as :meth:`qgrad.data.FolderDataset.loader` and unused: the data is already in memory."""
+        """A :class:`qgrad.data.DeviceLoader` over ``split`` (``"train"`` or ``"test"``).
+
+        ``augment`` applies the dataset's random crop (``crop_padding``) and flips (``flip``); ``options``
+        (``shuffle``, ``seed``, ``device``, ``drop_last``, ``rank``, ``world_size``, ``memory_format``) go to
+        the loader. ``workers`` is there for the calls that also serve a :class:`qgrad.data.FolderDataset`
+        and must stay ``None``: the data is already in memory.
+        """
         if split not in ("train", "test"):
             raise ValueError(f"split must be 'train' or 'test', got {split!r}")
+        if workers is not None:
+            raise ValueError(f"workers applies to image folders; dataset {self.name!r} is held in memory")
         x, y = (self.train_x, self.train_y) if split == "train" else (self.test_x, self.test_y)
-        return DeviceLoader(
-            x,
-            y,
-            batch_size,
-            shuffle=shuffle,
-            crop_padding=self.crop_padding if augment else 0,
-            flip=self.flip if augment else False,
-            seed=seed,
-            device=device,
-            drop_last=drop_last,
-            rank=rank,
-            world_size=world_size,
-            memory_format=memory_format,
-        )
+        crop, flip = (self.crop_padding, self.flip) if augment else (0, False)
+        return DeviceLoader(x, y, batch_size, crop_padding=crop, flip=flip, **options)
 
     def denormalize(self, x: Tensor) -> Tensor:
         """Undo the normalization: ``x * std[c] + mean[c]``, pixel values on the [0, 1] scale.

@@ -38,7 +38,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from qgrad.data.loader import _check_int, batch_spans, check_batching, epoch_generator, num_batches
+from qgrad.data.loader import EpochLoader, _check_int, batch_spans, check_batching, epoch_generator
 
 __all__ = [
     "FolderDataset",
@@ -88,7 +88,8 @@ def find_images(split_dir: Path, class_to_idx: Optional[dict] = None) -> Tuple[L
         entries = [e for e in entries if not e.name.startswith(".")]
         hidden = sorted(e.name for e in os.scandir(split_dir) if e.name.startswith(".") and e.is_dir())
     if hidden:  # .ipynb_checkpoints, .Trash-1000, ...: taken as classes, they would shift every label
-        warnings.warn(f"{split_dir}: hidden folders are not classes, skipped {', '.join(hidden)}", stacklevel=3)
+        skipped = ", ".join(hidden)
+        warnings.warn(f"{split_dir}: hidden folders are not classes, skipped {skipped}", stacklevel=3)
     classes = sorted(e.name for e in entries if e.is_dir())
     if not classes:
         loose = sum(e.is_file() and e.name.lower().endswith(IMAGE_EXTENSIONS) for e in entries)
@@ -273,7 +274,7 @@ def default_workers() -> int:
     return max(1, min(8, cores // local_processes))
 
 
-class FolderLoader:
+class FolderLoader(EpochLoader):
     """Iterate over ``(inputs, targets)`` batches of an image folder, decoded by worker processes.
 
     Each ``iter()`` is one epoch: a ``torch.utils.data.DataLoader`` over the epoch's samples whose workers
@@ -337,22 +338,13 @@ class FolderLoader:
         # (v / 255 - mean) / std == (v - 255 mean) / (255 std): one subtract and one divide on the uint8 batch
         self._shift = torch.tensor([255.0 * m for m in mean], device=self.device).view(1, 3, 1, 1)
         self._scale = torch.tensor([255.0 * s for s in std], device=self.device).view(1, 3, 1, 1)
-        self._next_epoch = 0
 
     @property
     def num_samples(self) -> int:
         return len(self.samples)
 
-    def __len__(self) -> int:
-        return num_batches(self.num_samples, self.batch_size, self.drop_last)
-
-    def set_epoch(self, epoch: int) -> None:
-        """Make the next ``iter()`` run epoch ``epoch`` (int >= 0); later ones continue from there."""
-        self._next_epoch = _check_int("epoch", epoch, 0)
-
     def __iter__(self) -> Iterator[Tuple[Tensor, Tensor]]:
-        epoch = self._next_epoch
-        self._next_epoch += 1
+        epoch = self._start_epoch()
         n = self.num_samples
         order = torch.randperm(n, generator=epoch_generator(self.seed, epoch)) if self.shuffle else None
         spans = batch_spans(n, self.batch_size, self.drop_last, self.rank, self.world_size)
@@ -436,22 +428,10 @@ class FolderDataset:
     def num_test(self) -> int:
         return len(self.test_samples)
 
-    def loader(
-        self,
-        split: str,
-        batch_size: int,
-        shuffle: bool = False,
-        augment: bool = False,
-        seed: int = 0,
-        device: Optional[Union[str, torch.device]] = None,
-        drop_last: bool = False,
-        rank: int = 0,
-        world_size: int = 1,
-        memory_format: torch.memory_format = torch.contiguous_format,
-        workers: Optional[int] = None,
-    ) -> FolderLoader:
+    def loader(self, split: str, batch_size: int, augment: bool = False, **options) -> FolderLoader:
         """A :class:`FolderLoader` over ``split`` (``"train"`` or ``"test"``, the ``val/`` folder);
-        ``augment`` gives training views (see :class:`FolderLoader` for the other arguments)."""
+        ``augment`` gives training views; ``options`` (``shuffle``, ``seed``, ``device``, ``drop_last``, ``rank``,
+        ``world_size``, ``memory_format``, ``workers``) go to the loader."""
         if split not in ("train", "test"):
             raise ValueError(f"split must be 'train' or 'test', got {split!r}")
         return FolderLoader(
@@ -459,17 +439,10 @@ class FolderDataset:
             batch_size,
             image_size=self.image_size,
             resize_size=self.resize_size,
-            shuffle=shuffle,
             augment=augment,
-            seed=seed,
-            device=device,
-            drop_last=drop_last,
-            rank=rank,
-            world_size=world_size,
-            memory_format=memory_format,
-            workers=workers,
             mean=self.mean,
             std=self.std,
+            **options,
         )
 
 

@@ -11,7 +11,15 @@ import torch
 from torch import Tensor
 from torch.nn import functional as F
 
-__all__ = ["DeviceLoader", "random_crop_flip", "check_batching", "epoch_generator", "batch_spans"]
+__all__ = [
+    "DeviceLoader",
+    "EpochLoader",
+    "batch_spans",
+    "check_batching",
+    "epoch_generator",
+    "num_batches",
+    "random_crop_flip",
+]
 
 
 def _check_int(name: str, value, low: int, high: Optional[int] = None) -> int:
@@ -94,6 +102,34 @@ def batch_spans(num_samples: int, batch_size: int, drop_last: bool, rank: int, w
         yield start, min(start + part, num_samples)
 
 
+class EpochLoader:
+    """The epochs of qgrad's loaders: each ``iter()`` runs the next epoch, :meth:`set_epoch` chooses it.
+
+    Subclasses set ``batch_size``, ``drop_last`` and ``num_samples``, and call :meth:`_start_epoch` at the
+    top of ``__iter__``.
+    """
+
+    batch_size: int
+    drop_last: bool
+    _next_epoch: int = 0
+
+    @property
+    def num_samples(self) -> int:
+        raise NotImplementedError
+
+    def __len__(self) -> int:
+        return num_batches(self.num_samples, self.batch_size, self.drop_last)
+
+    def set_epoch(self, epoch: int) -> None:
+        """Make the next ``iter()`` run epoch ``epoch`` (int >= 0); later ones continue from there."""
+        self._next_epoch = _check_int("epoch", epoch, 0)
+
+    def _start_epoch(self) -> int:
+        epoch = self._next_epoch
+        self._next_epoch += 1
+        return epoch
+
+
 def random_crop_flip(x: Tensor, top: Tensor, left: Tensor, flip: Tensor, padding: int) -> Tensor:
     """Per-sample crop of the zero-padded images followed by an optional horizontal flip, in one gather.
 
@@ -117,7 +153,7 @@ def random_crop_flip(x: Tensor, top: Tensor, left: Tensor, flip: Tensor, padding
     return x[batch, channels, rows[:, None, :, None], cols[:, None, None, :]]
 
 
-class DeviceLoader:
+class DeviceLoader(EpochLoader):
     """Iterate over ``(inputs, targets)`` mini-batches of tensors that live on one device.
 
     The whole dataset is moved to ``device`` once; shuffling, random crops and flips run there, vectorized
@@ -206,22 +242,13 @@ class DeviceLoader:
         self.rank = rank
         self.world_size = world_size
         self.memory_format = memory_format
-        self._next_epoch = 0
 
     @property
     def num_samples(self) -> int:
         return self.x.shape[0]
 
-    def __len__(self) -> int:
-        return num_batches(self.num_samples, self.batch_size, self.drop_last)
-
-    def set_epoch(self, epoch: int) -> None:
-        """Make the next ``iter()`` run epoch ``epoch`` (int >= 0); later ones continue from there."""
-        self._next_epoch = _check_int("epoch", epoch, 0)
-
     def __iter__(self) -> Iterator[Tuple[Tensor, Tensor]]:
-        epoch = self._next_epoch
-        self._next_epoch += 1
+        epoch = self._start_epoch()
         n, p = self.num_samples, self.crop_padding
         gen = epoch_generator(self.seed, epoch)
         order = torch.randperm(n, generator=gen).to(self.device) if self.shuffle else None
