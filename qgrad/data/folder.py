@@ -429,9 +429,11 @@ class FolderDataset:
         return len(self.test_samples)
 
     def loader(self, split: str, batch_size: int, augment: bool = False, **options) -> FolderLoader:
-        """A :class:`FolderLoader` over ``split`` (``"train"`` or ``"test"``, the ``val/`` folder);
-        ``augment`` gives training views; ``options`` (``shuffle``, ``seed``, ``device``, ``drop_last``, ``rank``,
-        ``world_size``, ``memory_format``, ``workers``) go to the loader."""
+        """A :class:`FolderLoader` over ``split`` (``"train"`` or ``"test"``, the ``val/`` folder).
+
+        ``augment`` gives training views; ``options`` (``shuffle``, ``seed``, ``device``, ``drop_last``,
+        ``rank``, ``world_size``, ``memory_format``, ``workers``) go to the loader.
+        """
         if split not in ("train", "test"):
             raise ValueError(f"split must be 'train' or 'test', got {split!r}")
         return FolderLoader(
