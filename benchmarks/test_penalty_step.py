@@ -1,6 +1,8 @@
 """Cost of a training step with the gradient-l1 penalty, per mode, relative to a plain step.
 
-One step is ``zero_grad``, forward, backward (with the penalty), ``SGD.step`` on random CIFAR-sized data.
+One step is ``zero_grad``, forward, backward (with the penalty), ``SGD.step`` on random data: CIFAR-sized
+(32x32, 10 classes) for the VGG-like and the CIFAR ResNet-18, ImageNet-sized for ``resnet18_imagenet`` (224x224
+with CUDA, 64x64 on a CPU; 1000 classes), the paper's three settings.
 Modes (``lambda_w = lambda_y = 0.05``, BatchNorm in training mode):
 
 * ``plain``: ``loss.backward()``;
@@ -60,7 +62,9 @@ if LAYOUT not in ("contiguous", "channels_last"):
 FORMAT = torch.channels_last if LAYOUT == "channels_last" else torch.contiguous_format
 DEVICE = torch.device("cuda" if CUDA else "cpu")
 WIDTH, BATCH = (1.0, 128) if CUDA else (0.25, 32)
-MODELS = ["vgg_like", "resnet18"]
+MODELS = ["vgg_like", "resnet18", "resnet18_imagenet"]
+# (input side, classes) per model
+DATA = {"vgg_like": (32, 10), "resnet18": (32, 10), "resnet18_imagenet": (224 if CUDA else 64, 1000)}
 MODES = ["exact_autograd", "exact_qgrad", "exact_qgrad_weights", "every4", "worst_case"]
 DTYPES = ["float32", "bfloat16"] if CUDA else ["float32"]
 LAMBDA = 0.05
@@ -104,10 +108,11 @@ class _AutogradPenalty:
 
 def _setup(name, mode, dtype):
     torch.manual_seed(0)
-    model = qgrad.models.get(name, num_classes=10, width=WIDTH, in_channels=3).to(DEVICE).train()
+    size, classes = DATA[name]
+    model = qgrad.models.get(name, num_classes=classes, width=WIDTH, in_channels=3).to(DEVICE).train()
     model = model.to(memory_format=FORMAT)
-    x = torch.randn(BATCH, 3, 32, 32, device=DEVICE).contiguous(memory_format=FORMAT)
-    y = torch.randint(0, 10, (BATCH,), device=DEVICE)
+    x = torch.randn(BATCH, 3, size, size, device=DEVICE).contiguous(memory_format=FORMAT)
+    y = torch.randint(0, classes, (BATCH,), device=DEVICE)
     opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
 
     def loss_fn():
@@ -152,7 +157,8 @@ def _peak_rss_mb(name, mode):
 
 def _info(benchmark, name, mode, dtype, extra):
     benchmark.extra_info.update(
-        model=name, mode=mode, dtype=dtype, width=WIDTH, batch=BATCH, lam=LAMBDA, layout=LAYOUT,
+        model=name, mode=mode, dtype=dtype, width=WIDTH, batch=BATCH, image_size=DATA[name][0], lam=LAMBDA,
+        layout=LAYOUT,
         device=torch.cuda.get_device_name() if CUDA else "cpu", threads=torch.get_num_threads(),
         torch=torch.__version__, triton=triton_version(), **extra,
     )
