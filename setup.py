@@ -30,9 +30,10 @@ from setuptools import find_packages, setup
 ROOT = os.path.dirname(os.path.abspath(__file__))
 BUILD_EXT = os.environ.get("QGRAD_BUILD_EXT", "auto").strip().lower()
 REQUIRE_EXT = BUILD_EXT == "1"
+_STRICT = "" if REQUIRE_EXT else "; set QGRAD_BUILD_EXT=1 to make a failed build an error"
 HOW_TO_BUILD = (
     "to build it, install torch first and then run `pip install --no-build-isolation .` "
-    "(add -e for an editable install; set QGRAD_BUILD_EXT=1 to make a failed build an error)"
+    f"(add -e for an editable install{_STRICT})"
 )
 # setup.py also runs for metadata-only commands (egg_info, dist_info); only builds print the note.
 _BUILD_COMMANDS = ("build", "build_ext", "build_py", "bdist_wheel", "editable_wheel", "install", "develop")

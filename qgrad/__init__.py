@@ -4,7 +4,7 @@ A network trained with ``L1GradPenalty`` can be post-training-quantized to sever
 of float weights (``quantize_model``, ``sweep``). ``fake_quant`` / ``FakeQuant`` are the twice-differentiable
 fake-quantization op and module (straight-through and LSQ gradients) used by PTQ and QAT.
 """
-from qgrad import data, models
+from qgrad import data, malloc, models
 from qgrad.nn import FakeQuant, QuantConv1d, QuantConv2d, QuantConv3d, QuantLinear, quant_range
 from qgrad.ops import backends, fake_quant, use_backend
 from qgrad.penalties import L1GradPenalty, L2GradPenalty, OrthogonalityPenalty
@@ -25,6 +25,7 @@ __all__ = [
     "QuantLinear",
     "data",
     "fake_quant",
+    "malloc",
     "fold_bn",
     "format_table",
     "models",

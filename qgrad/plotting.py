@@ -4,7 +4,7 @@ one line per model, the way the paper compares a regularized model with its base
 The input is what :func:`qgrad.sweep` returns (rows with ``weight_bits``, ``act_bits``, ``accuracy``,
 ``loss``, ``kl``), or the files the commands write: ``qgrad sweep``'s ``sweep.json`` (one model) and ``qgrad
 demo``'s ``demo.json`` (the baseline and every penalty mode). Matplotlib is an optional dependency
-(``pip install "qgrad[plot]"``); it is imported only when a figure is drawn, with the backend matplotlib
+(``pip install matplotlib``); it is imported only when a figure is drawn, with the backend matplotlib
 chooses (``Agg`` on a machine without a display; inline in a notebook).
 """
 from __future__ import annotations
@@ -111,7 +111,7 @@ def plot_sweeps(
     try:
         import matplotlib.pyplot as plt  # on a machine without a display matplotlib itself picks Agg
     except ImportError as e:
-        raise ImportError(f'plotting needs matplotlib ({e}); pip install "qgrad[plot]"') from None
+        raise ImportError(f"plotting needs matplotlib ({e}); pip install matplotlib") from None
 
     fig, axes = plt.subplots(1, len(metrics), figsize=(5.2 * len(metrics), 4.2), squeeze=False)
     x = list(range(len(configs)))

@@ -62,6 +62,10 @@ METHODS = ("exact", "worst-case")
 # CIFAR-10 from scratch; 1e-4 is the fixed value the paper uses for its fine-tuning runs (§4.1).
 DEFAULT_WEIGHT_DECAY = 5e-4
 DEFAULT_FINETUNE_WEIGHT_DECAY = 1e-4
+# Learning rate when TrainConfig.lr is None: 0.05 from scratch; 0.01 to fine-tune from init, qgrad demo's
+# fine-tuning rate (a fine-tune at the from-scratch rate can undo much of what the model learned)
+DEFAULT_LR = 0.05
+DEFAULT_FINETUNE_LR = 0.01
 # lambda when TrainConfig.lam is None: the paper's 0.05 (CIFAR-10), except the l1 penalty on digits, where
 # 0.05 took the small VGG-like of qgrad demo to near chance (its 10-epoch l1 fine-tune: 21% test accuracy,
 # against 99.7% with 0.005, the value the demo's grid search kept)
@@ -97,7 +101,9 @@ class TrainConfig:
             from ``lr`` down to 0).
         batch_size: training batch size (the last incomplete batch of an epoch is dropped so BatchNorm never
             sees a tiny batch).
-        lr, momentum: SGD settings.
+        lr: initial SGD learning rate; ``None`` picks 0.05 from scratch and 0.01 when fine-tuning from
+            ``init`` (a fine-tune at the from-scratch rate can undo what the model learned).
+        momentum: SGD momentum.
         weight_decay: SGD weight decay; ``None`` picks 5e-4 when training from scratch and 1e-4 when
             fine-tuning from ``init`` (the value of the paper's fine-tuning runs).
         penalty: ``"none"``, ``"l1"`` (gradient ℓ1, the paper's Eq. 3), ``"l2"`` (gradient ℓ2) or ``"dq"``
@@ -134,7 +140,7 @@ class TrainConfig:
     width: float = 1.0
     epochs: int = 100
     batch_size: int = 128
-    lr: float = 0.05
+    lr: Optional[float] = None
     momentum: float = 0.9
     weight_decay: Optional[float] = None
     penalty: str = "none"
@@ -192,6 +198,8 @@ def _check_config(cfg: TrainConfig) -> None:
         raise ValueError(f"penalty must be one of {PENALTIES}, got {cfg.penalty!r}")
     for name in ("lr", "width"):
         v = getattr(cfg, name)
+        if name == "lr" and v is None:
+            continue
         if not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0:
             raise ValueError(f"{name} must be a positive number, got {v!r}")
     for name in ("momentum", "lam"):
@@ -447,7 +455,7 @@ def _resolve(cfg: TrainConfig, data) -> TrainConfig:
         in_channels=int(data.in_channels),
         weight_decay=float(wd),
         width=float(cfg.width),
-        lr=float(cfg.lr),
+        lr=float(cfg.lr if cfg.lr is not None else DEFAULT_FINETUNE_LR if cfg.init else DEFAULT_LR),
         momentum=float(cfg.momentum),
         lam=float(lam),
     )

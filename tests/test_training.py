@@ -202,6 +202,15 @@ def test_finetune_from_init_regularizes_throughout(runs, tmp_path, penalty, term
     assert any(not torch.allclose(fresh[k], start[k]) for k in start)
 
 
+def test_learning_rate_defaults_to_a_fine_tuning_rate_with_init(runs, tmp_path):
+    tiny = {k: v for k, v in TINY.items() if k != "lr"}
+    train(TrainConfig(**tiny, epochs=1, out=str(tmp_path / "scratch")), progress=False)
+    train(TrainConfig(**tiny, epochs=1, init=str(runs["full"]), out=str(tmp_path / "tuned")), progress=False)
+    for run, lr in (("scratch", 0.05), ("tuned", 0.01)):
+        assert json.loads((tmp_path / run / "config.json").read_text())["lr"] == lr
+        assert _metrics(tmp_path / run)[0]["lr"] == pytest.approx(lr)
+
+
 @pytest.mark.parametrize(
     "mode", [dict(every=2), dict(method="worst-case"), dict(method="worst-case", bits=4)]
 )

@@ -16,7 +16,7 @@ def add_parser(sub, parents) -> None:
         description=(
             "Draw one panel per metric with the (weight, activation) bit-widths along x and one line per model: "
             "the sweep of a run (its sweep.json, or the run directory holding it) or every model of a demo "
-            "(demo.json: the baseline and each penalty mode). Needs matplotlib (pip install 'qgrad[plot]')."
+            "(demo.json: the baseline and each penalty mode). Needs matplotlib (pip install matplotlib)."
         ),
         epilog="example: qgrad plot runs/vgg_plain runs/vgg_l1 --out vgg.png; qgrad plot qgrad-demo/demo.json",
     )

@@ -33,7 +33,13 @@ _OPTIONS = (
     ("--width", "width", float, "channel multiplier of the model"),
     ("--epochs", "epochs", int, "epochs of the run; the cosine learning-rate schedule spans all of them"),
     ("--batch-size", "batch_size", int, "training batch size (of all processes together under torchrun)"),
-    ("--lr", "lr", float, "initial SGD learning rate (cosine decay to 0, stepped per batch)"),
+    (
+        "--lr",
+        "lr",
+        float,
+        "initial SGD learning rate, cosine decay to 0 stepped per batch (default: 0.05 from scratch, 0.01 "
+        "with --init)",
+    ),
     ("--momentum", "momentum", float, "SGD momentum"),
     (
         "--weight-decay",
@@ -106,7 +112,7 @@ def add_parser(sub, parents) -> None:
             p.add_argument(flag, dest=field, action="store_true", default=None, help=text)
             continue
         # no "(default: ...)" where the default depends on other options or there is none
-        unshown = ("weight_decay", "lam", "data_root", "init", "bits", "image_size", "workers")
+        unshown = ("weight_decay", "lam", "data_root", "init", "bits", "image_size", "workers", "lr")
         shown = "" if field in unshown else f" (default: {default})"
         p.add_argument(flag, dest=field, type=kind, default=None, help=text + shown, **extra)
     p.add_argument("--out", required=True, metavar="RUN_DIR", help="run directory (created if needed)")
