@@ -1,7 +1,7 @@
 """Images per second of the image-folder loader (ImageNet's layout): decoding, cropping and normalizing.
 
 A penalized ImageNet step on a GPU needs its batch decoded in time: compare the rate here with the steps per
-second of ``test_penalty_step.py`` times the batch size. The folder is written once per session: 256 JPEGs of
+second of ``test_penalty_step.py`` times the batch size. The folder is written once per pytest run: 256 JPEGs of
 500 x 375 pixels (about ImageNet's median size), quality 90, in 4 class folders. Each case runs one epoch of
 the loader (batch 64, ``image_size`` 224, on the CPU) with training views (random resized crop and flip) or
 evaluation views (resize to 256, central crop), decoded in the calling process (``workers=0``) or by worker
