@@ -692,6 +692,10 @@ def _run(config, resume, stop_after, init_state, processes, device, progress) ->
     if init_state is not None:
         _init_weights(model, cfg, init_state)
     if main:
+        logger.info(
+            "%s: %d training and %d test images, %d classes",
+            cfg.dataset, data.num_train, data.num_test, data.num_classes,
+        )
         _warn_if_model_misfits(cfg.model, data)
     layout = torch.channels_last if cfg.channels_last else torch.contiguous_format
     model.to(device=device, memory_format=layout)

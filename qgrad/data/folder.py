@@ -27,6 +27,7 @@ Batches reach the device as uint8 and are normalized there with ImageNet's per-c
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 import warnings
@@ -65,6 +66,7 @@ _HOW = (
 )
 
 Sample = Tuple[str, int]  # (file path, label)
+logger = logging.getLogger(__name__)
 
 
 def find_images(split_dir: Path, class_to_idx: Optional[dict] = None) -> Tuple[List[str], List[Sample]]:
@@ -478,6 +480,7 @@ def load_imagenet(
         raise FileNotFoundError(
             f"{root} looks like a split folder; give the folder that holds it, {root.parent}"
         )
+    logger.info("listing the images of %s (for ImageNet this can take a minute)", root)
     classes, train = find_images(root / TRAIN_DIR)
     _, test = find_images(root / VAL_DIR, {name: i for i, name in enumerate(classes)})
     return FolderDataset(
