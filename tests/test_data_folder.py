@@ -1,6 +1,5 @@
 """qgrad.data's image-folder reader (ImageNet's layout) on folders of real image files the tests write."""
 
-import math
 import os
 import zlib
 
@@ -47,30 +46,28 @@ VAL = {"n03_fox": ["v1.png"], "n01_dog": ["v2.png", "v3.png"]}
 
 
 def write_tree(root, size=(20, 12)):
-    """Write TRAIN and VAL under root; returns {relative path: the RGB pixels written}."""
-    written = {}
+    """Write TRAIN and VAL under root, each image random pixels seeded by its path."""
     for split, spec in (("train", TRAIN), ("val", VAL)):
         for name, files in spec.items():
-            for i, file in enumerate(files):
+            for file in files:
                 array = pixels(zlib.crc32(f"{split}/{name}/{file}".encode()), *size)
                 mode = {"gray.png": "L", "rgba.png": "RGBA"}.get(file, "RGB")
-                path = save(root / split / name / file, array, mode)
-                written[str(path.relative_to(root))] = array
+                save(root / split / name / file, array, mode)
     (root / "train" / "n02_cat" / "notes.txt").write_text("not an image")
-    return written
 
 
 @pytest.fixture
 def tree(tmp_path):
     root = tmp_path / "imagenet"
-    return root, write_tree(root)
+    write_tree(root)
+    return root
 
 
 # ----------------------------------------------------------------------------- file discovery
 
 
 def test_classes_labels_and_order_follow_imagefolder(tree):
-    root, _ = tree
+    root = tree
     ds = load_imagenet(root, image_size=8)
     assert ds.classes == ("n01_dog", "n02_cat", "n03_fox")
     assert (ds.num_classes, ds.in_channels, ds.num_train, ds.num_test) == (3, 3, 7, 3)
@@ -92,7 +89,7 @@ def test_classes_labels_and_order_follow_imagefolder(tree):
 
 def test_matches_torchvision_imagefolder_where_installed(tree):
     datasets = pytest.importorskip("torchvision.datasets")
-    root, _ = tree
+    root = tree
     ours = load_imagenet(root, image_size=8)
     theirs = datasets.ImageFolder(str(root / "train"))
     assert list(ours.classes) == theirs.classes
@@ -100,7 +97,7 @@ def test_matches_torchvision_imagefolder_where_installed(tree):
 
 
 def test_load_by_name_and_defaults(tree, monkeypatch):
-    root, _ = tree
+    root = tree
     ds = data.load("imagenet", root=root)
     assert (ds.name, ds.image_size, ds.resize_size) == ("imagenet", 224, 256)
     assert data.load("imagenet", root=root, image_size=32).resize_size == 37  # round(32 * 256 / 224)
@@ -111,7 +108,7 @@ def test_load_by_name_and_defaults(tree, monkeypatch):
 
 
 def test_missing_or_misplaced_folders_are_named(tmp_path, tree):
-    root, _ = tree
+    root = tree
     with pytest.raises(FileNotFoundError, match="does not exist.*train/.*val/"):
         load_imagenet(tmp_path / "nowhere")
     with pytest.raises(FileNotFoundError, match=r"imagenet/train looks like a split folder; give .*t$"):
@@ -138,7 +135,7 @@ def test_missing_or_misplaced_folders_are_named(tmp_path, tree):
     (dict(image_size=32, resize_size=31), "resize_size must be an int >= 32, got 31"),
 ])
 def test_bad_sizes(tree, kwargs, match):
-    root, _ = tree
+    root = tree
     with pytest.raises(ValueError, match=match):
         load_imagenet(root, **kwargs)
 
@@ -210,7 +207,7 @@ def test_random_resized_crop_falls_back_to_a_central_crop():
 
 
 def test_grayscale_and_rgba_images_become_rgb(tree):
-    root, written = tree
+    root = tree
     ds = load_imagenet(root, image_size=12, resize_size=12)
     x, y = next(iter(ds.loader("train", 7, workers=0)))  # evaluation views of the training images
     assert x.shape == (7, 3, 12, 12) and y.tolist() == [0, 0, 1, 1, 1, 2, 2]
@@ -222,7 +219,7 @@ def test_grayscale_and_rgba_images_become_rgb(tree):
 
 
 def test_batches_are_normalized_uint8_views(tree):
-    root, written = tree
+    root = tree
     ds = load_imagenet(root, image_size=8, resize_size=12)
     loader = ds.loader("test", 2, workers=0)
     batches = list(loader)
@@ -245,7 +242,7 @@ def same(a, b):
 
 
 def test_augmented_epochs_are_reproducible_and_independent_of_workers(tree):
-    root, _ = tree
+    root = tree
     ds = load_imagenet(root, image_size=8)
     kwargs = dict(shuffle=True, augment=True, seed=3)
     first = collect(ds.loader("train", 3, workers=0, **kwargs))
@@ -269,7 +266,7 @@ def test_augmented_epochs_are_reproducible_and_independent_of_workers(tree):
 
 
 def test_processes_split_each_batch(tree):
-    root, _ = tree
+    root = tree
     ds = load_imagenet(root, image_size=8)
     kwargs = dict(shuffle=True, augment=True, seed=0, drop_last=True, workers=0)
     single = collect(ds.loader("train", 4, **kwargs))
@@ -280,7 +277,7 @@ def test_processes_split_each_batch(tree):
 
 
 def test_channels_last_batches(tree):
-    root, _ = tree
+    root = tree
     ds = load_imagenet(root, image_size=8)
     plain = collect(ds.loader("test", 3, workers=0))
     last = collect(ds.loader("test", 3, workers=0, memory_format=torch.channels_last))
@@ -289,7 +286,7 @@ def test_channels_last_batches(tree):
 
 
 def test_loader_argument_errors(tree):
-    root, _ = tree
+    root = tree
     ds = load_imagenet(root, image_size=8)
     with pytest.raises(ValueError, match="split must be 'train' or 'test'"):
         ds.loader("val", 4)
@@ -302,7 +299,7 @@ def test_loader_argument_errors(tree):
 
 
 def test_an_unreadable_image_is_named(tree):
-    root, _ = tree
+    root = tree
     bad = root / "val" / "n01_dog" / "v2.png"
     bad.write_bytes(b"\x89PNG\r\n\x1a\n truncated")
     ds = load_imagenet(root, image_size=8)
@@ -320,7 +317,7 @@ def test_decoding_takes_the_image_size_into_account(tmp_path):
     for split, augment in (("train", True), ("test", False)):
         (x, y), = list(ds.loader(split, 1, augment=augment, workers=0))
         assert x.shape == (1, 3, 8, 8) and torch.isfinite(x).all() and y.tolist() == [0]
-    assert math.isclose(ds.resize_size, 9)
+    assert ds.resize_size == 9  # round(8 * 256 / 224)
 
 
 def test_sample_table_round_trips_paths():
@@ -332,7 +329,7 @@ def test_sample_table_round_trips_paths():
 
 
 def test_hidden_entries_and_link_loops_are_skipped(tree):
-    root, _ = tree
+    root = tree
     before = load_imagenet(root, image_size=8).train_samples
     save(root / "train" / ".ipynb_checkpoints" / "x.png", pixels(5, 9, 9))  # would become class 0
     save(root / "train" / "n02_cat" / ".ipynb_checkpoints" / "b-checkpoint.png", pixels(6, 9, 9))
@@ -345,7 +342,7 @@ def test_hidden_entries_and_link_loops_are_skipped(tree):
 
 
 def test_linked_folders_are_followed(tree, tmp_path):
-    root, _ = tree
+    root = tree
     elsewhere = tmp_path / "more_foxes"
     save(elsewhere / "m.png", pixels(7, 9, 9))
     (root / "train" / "n03_fox" / "more").symlink_to(elsewhere)
