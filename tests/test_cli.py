@@ -250,7 +250,8 @@ def test_quick_demo(tmp_path, capsys):
 
 def test_train_and_sweep_on_an_image_folder(tmp_path, capsys):
     """ImageNet's layout end to end: the ImageNet ResNet-18 trained from train/ (one plain epoch, then one
-    with the l1 penalty after a stop and resume), swept on val/ with calibrated ranges."""
+    with the l1 penalty after a stop and resume), swept on val/ with calibrated ranges, then fine-tuned from
+    a torchvision-style weights file."""
     Image = pytest.importorskip("PIL.Image")
     rng = torch.Generator().manual_seed(0)
     for split, per_class in (("train", 6), ("val", 2)):

@@ -377,4 +377,7 @@ def test_a_model_made_for_another_image_size_is_warned_about(monkeypatch, model,
     messages = []
     monkeypatch.setattr(qgrad.training.logger, "warning", lambda msg, *args: messages.append(msg % args))
     _warn_if_model_misfits(model, dataclasses.make_dataclass("D", ["image_size"])(size))
-    assert messages == [] if warned is None else (len(messages) == 1 and warned in messages[0])
+    if warned is None:
+        assert messages == []
+    else:
+        assert len(messages) == 1 and warned in messages[0]
