@@ -86,9 +86,10 @@ def find_images(split_dir: Path, class_to_idx: Optional[dict] = None) -> Tuple[L
     """
     if not split_dir.is_dir():
         raise FileNotFoundError(f"{split_dir} does not exist; {_HOW}")
-    with os.scandir(split_dir) as entries:
-        entries = [e for e in entries if not e.name.startswith(".")]
-        hidden = sorted(e.name for e in os.scandir(split_dir) if e.name.startswith(".") and e.is_dir())
+    with os.scandir(split_dir) as scan:
+        listed = list(scan)
+    entries = [e for e in listed if not e.name.startswith(".")]
+    hidden = sorted(e.name for e in listed if e.name.startswith(".") and e.is_dir())
     if hidden:  # .ipynb_checkpoints, .Trash-1000, ...: taken as classes, they would shift every label
         skipped = ", ".join(hidden)
         warnings.warn(f"{split_dir}: hidden folders are not classes, skipped {skipped}", stacklevel=3)
