@@ -10,8 +10,9 @@
 
 How the list is mapped onto one launch per dtype
 ------------------------------------------------
-The tensors of one dtype (made contiguous) are described by a small device table (one host-to-device copy)
-with three rows: the address of each tensor, the address of its int8 sign buffer and its length. The grid is
+The tensors of one dtype (made contiguous) are described by a small device table (one host-to-device copy;
+while a CUDA graph is being captured, which cannot record that copy, one launch per tensor instead) with three
+rows: the address of each tensor, the address of its int8 sign buffer and its length. The grid is
 ``(max_blocks, n_tensors)``: program ``(b, i)`` reads block ``b`` (``BLOCK`` elements) of tensor ``i``,
 writes the block's signs and stores the sum of ``|t|`` over the block at ``partial[i, b]`` (0 for blocks
 past the tensor's end, which load nothing). The norms are then ``partial.sum(dim=1)``: a fixed-order
@@ -89,6 +90,16 @@ def _launch(items: List[torch.Tensor], keep_sign: bool) -> Tuple[torch.Tensor, L
             ACC=acc_tl, KEEP_SIGN=keep_sign, BLOCK=_BLOCK,
         )
         return partial.sum(dim=1), signs
+    if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+        # a CUDA graph cannot record the table's host-to-device copy (it synchronizes): one launch per
+        # tensor instead, each filling its row of partial (blocks past a tensor's end store 0); a replay
+        # launches them together at no host cost
+        for i, t in enumerate(items):
+            _l1_sign_one_kernel[(max_blocks,)](
+                t, signs[i] if keep_sign else partial, t.numel(), partial[i],
+                ACC=acc_tl, KEEP_SIGN=keep_sign, BLOCK=_BLOCK,
+            )
+        return partial.sum(dim=1), signs
     # one host-to-device copy for the three tables
     table = [t.data_ptr() for t in items] + ([s.data_ptr() for s in signs] if keep_sign else [0] * len(items))
     table += [t.numel() for t in items]
@@ -120,14 +131,19 @@ def l1_norm_sign(
     if len(groups) == 1:  # one dtype: the norms come out in order, no scatter (a list index is a host copy)
         norms, signs = _launch(items, keep_sign)
         return norms.to(result_dtype), (signs if keep_sign else None)
-    norms = torch.empty(len(items), dtype=result_dtype, device=items[0].device)
+    # several dtypes (bfloat16 activation gradients beside float32 weight gradients under autocast): the
+    # norms are put back in order by one stack of views; indexing with the list would copy it to the device
+    # first, which a CUDA graph cannot record
+    per_tensor: List[Optional[torch.Tensor]] = [None] * len(items)
     signs: List[Optional[torch.Tensor]] = [None] * len(items)
     for dtype, index in groups.items():
         group_norms, group_signs = _launch([items[k] for k in index], keep_sign)
-        norms[index] = group_norms.to(result_dtype)
-        for k, s in zip(index, group_signs):
-            signs[k] = s
-    return norms, (signs if keep_sign else None)
+        group_norms = group_norms.to(result_dtype)
+        for j, k in enumerate(index):
+            per_tensor[k] = group_norms[j]
+            if keep_sign:
+                signs[k] = group_signs[j]
+    return torch.stack(per_tensor), (signs if keep_sign else None)
 
 
 @triton.jit

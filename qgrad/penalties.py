@@ -168,12 +168,16 @@ def _sum(terms: Sequence[torch.Tensor], like: torch.Tensor) -> torch.Tensor:
     return total
 
 
-def _floats(tensors: Sequence[torch.Tensor]) -> List[float]:
-    # one device-to-host transfer for all statistics, in the widest dtype among them
+def _values(stats: Dict[str, torch.Tensor], sync: bool) -> Dict[str, object]:
+    """The statistics as floats (``sync``: one device-to-host transfer for all of them, in the widest dtype
+    among them) or as detached 0-d tensors (no transfer, so the host does not wait for the device)."""
+    tensors = [t.detach().reshape(()) for t in stats.values()]
+    if not sync:
+        return dict(zip(stats, tensors))
     dtype = tensors[0].dtype
     for t in tensors[1:]:
         dtype = torch.promote_types(dtype, t.dtype)
-    return torch.stack([t.detach().reshape(()).to(dtype) for t in tensors]).tolist()
+    return dict(zip(stats, torch.stack([t.to(dtype) for t in tensors]).tolist()))
 
 
 # --------------------------------------------------------------------------------------------- hooks
@@ -352,12 +356,13 @@ class _Penalty:
         _check_loss(loss)
         return self._terms(loss)[0]
 
-    def backward(self, loss: torch.Tensor) -> Dict[str, float]:
+    def backward(self, loss: torch.Tensor, sync: bool = True) -> Dict[str, float]:
         """``(loss + penalty).backward()`` in one call; releases the recorded activations afterwards.
 
-        Returns floats ``loss``, ``penalty`` (the weighted total) and the unweighted terms (see the class).
-        No forward pass is run, so BatchNorm running statistics are updated once per step, by the caller's
-        forward.
+        Returns floats ``loss``, ``penalty`` (the weighted total) and the unweighted terms (see the class);
+        with ``sync=False`` detached 0-d tensors instead, so that the call does not wait for the device
+        (what a CUDA graph needs, see :class:`qgrad.cuda_graph.GraphedStep`). No forward pass is run, so
+        BatchNorm running statistics are updated once per step, by the caller's forward.
         """
         self._check_usable()
         _check_loss(loss)
@@ -366,8 +371,7 @@ class _Penalty:
             (loss + reg).backward()
         finally:
             self.clear()
-        values = _floats([loss, reg, *terms.values()])
-        return dict(zip(["loss", "penalty", *terms.keys()], values))
+        return _values({"loss": loss, "penalty": reg, **terms}, sync)
 
     def remove(self) -> None:
         """Take every hook of this penalty off the model, undo its other changes to the model (see the
@@ -1088,6 +1092,12 @@ class L1GradPenalty(_GradNormPenalty):
         """Validate a call; return whether it applies the penalty (the step counter is not advanced)."""
         self._check_usable()
         _check_loss(loss)
+        if self._every > 1 and loss.is_cuda and torch.cuda.is_current_stream_capturing():
+            raise RuntimeError(
+                f"L1GradPenalty(every={self._every}) alternates penalized and plain steps, which one CUDA "
+                "graph cannot: its replays would repeat the kind of step that was captured. Capture with "
+                "every=1, or run this penalty without a graph"
+            )
         applied = self._calls % self._every == 0
         if applied and self._method == "worst-case" and not callable(closure):
             raise TypeError(
@@ -1123,13 +1133,15 @@ class L1GradPenalty(_GradNormPenalty):
         return reg
 
     def backward(
-        self, loss: torch.Tensor, closure: Optional[Callable[[], torch.Tensor]] = None
+        self, loss: torch.Tensor, closure: Optional[Callable[[], torch.Tensor]] = None, sync: bool = True
     ) -> Dict[str, float]:
         """``(loss + penalty(loss)).backward()`` in one call (for ``"worst-case"`` without keeping the first
         graph); releases the recorded activations afterwards.
 
         Returns floats ``loss``, ``penalty``, ``weight_l1``, ``activation_l1``, and ``penalty_scale`` when
-        ``every > 1`` (see the class docstring). BatchNorm running statistics are updated once per step, by
+        ``every > 1`` (see the class docstring); with ``sync=False`` detached 0-d tensors instead, so that
+        the call does not wait for the device (what a CUDA graph needs, see
+        :class:`qgrad.cuda_graph.GraphedStep`). BatchNorm running statistics are updated once per step, by
         the caller's forward.
         """
         applied = self._check_call(loss, closure)
@@ -1149,10 +1161,9 @@ class L1GradPenalty(_GradNormPenalty):
         if applied and self._every > 1:
             self._keep_stats(stats)
         self._calls += 1
-        values = dict(zip(stats, _floats(list(stats.values()))))
         if self._every > 1:
-            values["penalty_scale"] = float(self._every) if applied else 0.0
-        return values
+            stats["penalty_scale"] = loss.new_full((), float(self._every) if applied else 0.0)
+        return _values(stats, sync)
 
     # ------------------------------------------------------------------ statistics of every > 1
     def _keep_stats(self, stats: Dict[str, torch.Tensor]) -> None:
