@@ -9,6 +9,8 @@
 #   tests          python -m pytest tests, on QGRAD_TEST_WORKERS pytest-xdist workers
 #   bench          benchmarks/test_penalty_step.py -> gpu_penalty_step.json (QGRAD_BENCH_K: a pytest -k selection)
 #   bench_cl       the same with channels-last models and inputs -> gpu_penalty_step_channels_last.json
+#   bench_graph    the same with every step's forward and backward replayed as a CUDA graph
+#                  -> gpu_penalty_step_cuda_graph.json
 #   bench_kernels  the fake-quantization and BatchNorm benchmarks -> gpu_kernels.json
 #   profile        benchmarks/profile_penalty_step.py for both models at batch 128, ResNet-18 at batch 512
 #                  -> profile_<model>_b<batch>.md
@@ -25,7 +27,7 @@ cd "$(dirname "$0")/.."
 log="$out/stages.log"
 export PYTHONUNBUFFERED=1
 status=0
-bench_k=${QGRAD_BENCH_K:-penalty_step}  # a pytest -k expression for bench / bench_cl, e.g. "not resnet18_imagenet"
+bench_k=${QGRAD_BENCH_K:-penalty_step}  # a pytest -k expression for bench / bench_cl / bench_graph, e.g. "not resnet18_imagenet"
 
 run() {  # run NAME LIMIT CMD...: append the output to stages.log, print its tail, remember a failure
     local name=$1 limit=$2
@@ -72,6 +74,11 @@ for stage in $stages; do
         QGRAD_BENCH_LAYOUT=channels_last run bench_cl "${QGRAD_BENCH_LIMIT:-300}" python -m pytest \
             benchmarks/test_penalty_step.py --benchmark-only \
             --benchmark-json "$out/gpu_penalty_step_channels_last.json" -q -k "$bench_k"
+        ;;
+    bench_graph)
+        QGRAD_BENCH_GRAPH=1 run bench_graph "${QGRAD_BENCH_LIMIT:-300}" python -m pytest \
+            benchmarks/test_penalty_step.py --benchmark-only \
+            --benchmark-json "$out/gpu_penalty_step_cuda_graph.json" -q -k "$bench_k"
         ;;
     bench_kernels)
         select=()  # QGRAD_BENCH_KERNELS_K: a pytest -k expression, e.g. "not torch_compile"

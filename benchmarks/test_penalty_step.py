@@ -15,6 +15,11 @@ Modes (``lambda_w = lambda_y = 0.05``, BatchNorm in training mode):
 * ``every4``: ``L1GradPenalty(every=4)``: the time of 4 consecutive steps (one penalized, three plain) / 4;
 * ``worst_case``: ``L1GradPenalty(method="worst-case")`` (h = 1e-3).
 
+With ``QGRAD_BENCH_GRAPH=1`` (CUDA only) the forward and backward of every mode, the plain step's too, run
+as a replayed CUDA graph (:class:`qgrad.cuda_graph.GraphedStep`; the optimizer step stays eager), which
+removes the host's cost of launching each kernel; ``every4`` is skipped there (one graph replays one kind
+of step).
+
 Sizes: on a CPU width 0.25, batch 32 (float32); with CUDA full width, batch 128, float32 and bfloat16
 autocast. On a CPU the timing process keeps freed memory (:func:`qgrad.malloc.keep_freed_memory`, what the
 ``qgrad`` command line does): with glibc's defaults each step page-faults its tensors back in, which slowed
@@ -35,6 +40,7 @@ peak memory with its ratio to the plain step's:
     pytest benchmarks/test_penalty_step.py --benchmark-only
     QGRAD_BENCH_THREADS=1 pytest benchmarks/test_penalty_step.py --benchmark-only   # torch threads
     QGRAD_BENCH_LAYOUT=channels_last pytest benchmarks/test_penalty_step.py --benchmark-only  # model and data
+    QGRAD_BENCH_GRAPH=1 pytest benchmarks/test_penalty_step.py --benchmark-only   # CUDA graphs (GraphedStep)
     python benchmarks/test_penalty_step.py --peak-rss resnet18 exact_qgrad    # one CPU memory measurement
 """
 import json
@@ -50,6 +56,7 @@ from _timing import triton_version, wall_times
 from torch import nn
 
 import qgrad.models
+from qgrad.cuda_graph import GraphedStep
 from qgrad.malloc import keep_freed_memory
 from qgrad.penalties import L1GradPenalty
 
@@ -60,6 +67,9 @@ LAYOUT = os.environ.get("QGRAD_BENCH_LAYOUT", "contiguous")  # or channels_last,
 if LAYOUT not in ("contiguous", "channels_last"):
     raise ValueError(f"QGRAD_BENCH_LAYOUT must be contiguous or channels_last, got {LAYOUT!r}")
 FORMAT = torch.channels_last if LAYOUT == "channels_last" else torch.contiguous_format
+GRAPH = os.environ.get("QGRAD_BENCH_GRAPH", "0") == "1"
+if GRAPH and not torch.cuda.is_available():
+    raise RuntimeError("QGRAD_BENCH_GRAPH=1 replays CUDA graphs and needs a CUDA device")
 DEVICE = torch.device("cuda" if CUDA else "cpu")
 WIDTH, BATCH = (1.0, 128) if CUDA else (0.25, 32)
 MODELS = ["vgg_like", "resnet18", "resnet18_imagenet"]
@@ -80,7 +90,8 @@ def _sync():
 
 def _autocast(dtype):
     if dtype == "bfloat16":
-        return torch.autocast(DEVICE.type, dtype=torch.bfloat16)
+        # a graph would keep the weight casts autocast caches during the capture: no cache with graphs
+        return torch.autocast(DEVICE.type, dtype=torch.bfloat16, cache_enabled=not GRAPH)
     return torch.autocast(DEVICE.type, enabled=False)
 
 
@@ -115,7 +126,7 @@ def _setup(name, mode, dtype):
     y = torch.randint(0, classes, (BATCH,), device=DEVICE)
     opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
 
-    def loss_fn():
+    def loss_of(x, y):
         with _autocast(dtype):
             return F.cross_entropy(model(x), y)
 
@@ -129,14 +140,22 @@ def _setup(name, mode, dtype):
     }[mode]()
     steps = 4 if mode == "every4" else 1
 
+    def forward_backward(x, y):
+        loss = loss_of(x, y)
+        if penalty is None:
+            loss.backward()
+        elif isinstance(penalty, _AutogradPenalty):
+            penalty.backward(loss)
+        else:
+            penalty.backward(loss, lambda: loss_of(x, y), sync=False)
+
+    # one eager call, then the capture: the benchmark's warm-up rounds cover both
+    run = GraphedStep(forward_backward, model.parameters(), warmup=1) if GRAPH else forward_backward
+
     def step():
         for _ in range(steps):
             opt.zero_grad(set_to_none=True)
-            loss = loss_fn()
-            if penalty is None:
-                loss.backward()
-            else:
-                penalty.backward(loss, loss_fn)
+            run(x, y)
             opt.step()
         _sync()
 
@@ -158,7 +177,7 @@ def _peak_rss_mb(name, mode):
 def _info(benchmark, name, mode, dtype, extra):
     benchmark.extra_info.update(
         model=name, mode=mode, dtype=dtype, width=WIDTH, batch=BATCH, image_size=DATA[name][0], lam=LAMBDA,
-        layout=LAYOUT,
+        layout=LAYOUT, cuda_graph=GRAPH,
         device=torch.cuda.get_device_name() if CUDA else "cpu", threads=torch.get_num_threads(),
         torch=torch.__version__, triton=triton_version(), **extra,
     )
@@ -168,6 +187,8 @@ def _info(benchmark, name, mode, dtype, extra):
 @pytest.mark.parametrize("mode", ["plain"] + MODES)
 @pytest.mark.parametrize("name", MODELS)
 def test_penalty_step(benchmark, name, mode, dtype):
+    if GRAPH and mode == "every4":
+        pytest.skip("every=4 alternates penalized and plain steps; one CUDA graph replays one kind of step")
     if not CUDA:  # page faults of glibc's malloc would add 10-15% to a plain step, unevenly (qgrad.malloc)
         keep_freed_memory()
     plain_step, _ = _setup(name, "plain", dtype)

@@ -31,12 +31,13 @@ import time
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, Iterable, List, Optional, Tuple, Union
+from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple, Union
 
 import torch
 from torch import nn
 
 from qgrad._processes import join
+from qgrad.cuda_graph import GraphedStep
 
 __all__ = [
     "CheckpointError",
@@ -73,7 +74,7 @@ DEFAULT_LAM = 0.05
 DEFAULT_L1_LAM = {"digits": 0.005}
 # Fields that may differ between a stopped run and the command that resumes it: none of them changes the
 # sequence of parameter updates.
-RESUME_MUTABLE = ("data_root", "device", "out", "eval_every", "workers")
+RESUME_MUTABLE = ("data_root", "device", "out", "eval_every", "workers", "cuda_graph")
 
 
 class TrainingError(RuntimeError):
@@ -129,6 +130,9 @@ class TrainConfig:
         channels_last: keep the weights and the input batches of image models in channels-last memory layout
             (NHWC), usually the faster one for convolutions on CPUs and GPUs, penalized steps included; results
             differ from the default layout by float rounding only.
+        cuda_graph: run the forward and backward of every training step as a replayed CUDA graph
+            (:class:`qgrad.cuda_graph.GraphedStep`): the same results without the host's cost of launching
+            each kernel, which bounds small-image steps on fast GPUs. CUDA only, one process, ``every=1``.
         num_classes, in_channels: taken from the dataset when ``None``.
     """
 
@@ -155,6 +159,7 @@ class TrainConfig:
     device: str = "auto"
     eval_every: int = 1
     channels_last: bool = False
+    cuda_graph: bool = False
     num_classes: Optional[int] = None
     in_channels: Optional[int] = None
 
@@ -192,8 +197,14 @@ def _check_config(cfg: TrainConfig) -> None:
                 f"{name} applies to image folders (dataset 'imagenet'); dataset {cfg.dataset!r} is held in "
                 f"memory at its own size, got {name}={getattr(cfg, name)!r}"
             )
-    if not isinstance(cfg.channels_last, bool):
-        raise ValueError(f"channels_last must be True or False, got {cfg.channels_last!r}")
+    for name in ("channels_last", "cuda_graph"):
+        if not isinstance(getattr(cfg, name), bool):
+            raise ValueError(f"{name} must be True or False, got {getattr(cfg, name)!r}")
+    if cfg.cuda_graph and cfg.every != 1:
+        raise ValueError(
+            f"cuda_graph replays one kind of step; every={cfg.every} alternates penalized and plain steps "
+            "(use every=1, or train without cuda_graph)"
+        )
     if cfg.penalty not in PENALTIES:
         raise ValueError(f"penalty must be one of {PENALTIES}, got {cfg.penalty!r}")
     for name in ("lr", "width"):
@@ -526,9 +537,30 @@ def _fmt_epoch(row: dict, epochs: int) -> str:
     return "  ".join(parts)
 
 
-def _train_epoch(model, loader, optimizer, scheduler, penalty, device, desc, progress, processes) -> dict:
-    """One pass over ``loader``; the scheduler steps after every batch. Returns the epoch's mean statistics
-    (over all processes).
+def _step_fn(net: nn.Module, penalty) -> Callable[[torch.Tensor, torch.Tensor], Dict[str, torch.Tensor]]:
+    """The forward and backward of one training step: ``(x, y) -> {loss, correct, penalty terms...}`` as 0-d
+    tensors, without waiting for the device (so that it can also be replayed as a CUDA graph)."""
+
+    def step(x: torch.Tensor, y: torch.Tensor) -> Dict[str, torch.Tensor]:
+        out = net(x)
+        loss = nn.functional.cross_entropy(out, y)
+        if penalty is None:
+            loss.backward()
+            stats = {"loss": loss.detach()}
+        elif getattr(penalty, "method", "exact") == "worst-case":  # recomputes the loss at a moved point
+            stats = penalty.backward(loss, lambda: nn.functional.cross_entropy(net(x), y), sync=False)
+        else:
+            stats = penalty.backward(loss, sync=False)
+        stats["correct"] = (out.detach().argmax(1) == y).sum()
+        return stats
+
+    return step
+
+
+def _train_epoch(model, loader, optimizer, scheduler, step, device, desc, progress, processes) -> dict:
+    """One pass over ``loader``, ``step(x, y)`` (:func:`_step_fn`, possibly as a
+    :class:`qgrad.cuda_graph.GraphedStep`) then the optimizer on every batch; the scheduler steps after every
+    batch. Returns the epoch's mean statistics (over all processes).
 
     Raises TrainingError as soon as a non-finite loss or penalty is seen (checked at every progress update and
     at the end of the epoch, so GPU runs do not synchronize on every step). With several processes each checks
@@ -539,7 +571,7 @@ def _train_epoch(model, loader, optimizer, scheduler, penalty, device, desc, pro
     model.train()
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)
     correct = torch.zeros((), dtype=torch.int64, device=device)
-    terms: Dict[str, float] = {}
+    terms: Dict[str, torch.Tensor] = {}  # sums of the penalty's statistics, on the device
     count, steps = 0, 0
     # iter() starts the loader's next epoch: call it once here. Handed the loader itself, tqdm.auto's class
     # calls iter() in its constructor and again when iterated, so every epoch would train on the next one's
@@ -550,36 +582,28 @@ def _train_epoch(model, loader, optimizer, scheduler, penalty, device, desc, pro
     )
     for x, y in bar:
         optimizer.zero_grad(set_to_none=True)
-        out = model(x)
-        loss = nn.functional.cross_entropy(out, y)
-        if penalty is None:
-            loss.backward()
-        else:
-            if getattr(penalty, "method", "exact") == "worst-case":  # recomputes the loss at a moved point
-                stats = penalty.backward(loss, lambda: nn.functional.cross_entropy(model(x), y))
-            else:
-                stats = penalty.backward(loss)
-            for k, v in stats.items():
-                if k != "loss":
-                    terms[k] = terms.get(k, 0.0) + float(v)
-            if not math.isfinite(float(stats.get("penalty", 0.0))):
-                raise TrainingError(
-                    f"{desc}: the penalty became non-finite ({stats.get('penalty')}) at step {steps + 1}"
-                )
+        stats = step(x, y)
         optimizer.step()
         scheduler.step()
-        loss_sum += loss.detach() * y.numel()
-        correct += (out.detach().argmax(1) == y).sum()
+        # what step returned is read now: a CUDA graph overwrites it at its next replay
+        loss_sum += stats["loss"] * y.numel()
+        correct += stats["correct"]
+        for k, v in stats.items():
+            if k not in ("loss", "correct"):
+                terms[k] = v.double() if k not in terms else terms[k] + v
         count += y.numel()
         steps += 1
         if steps % 10 == 0 or steps == len(loader):
             mean = float(loss_sum) / count
             if not math.isfinite(mean):
                 raise TrainingError(f"{desc}: the training loss became non-finite at step {steps}")
+            penalty_mean = float(terms["penalty"]) / steps if "penalty" in terms else None
+            if penalty_mean is not None and not math.isfinite(penalty_mean):
+                raise TrainingError(f"{desc}: the penalty became non-finite by step {steps}")
             if not bar.disable:
                 post = {"loss": f"{mean:.4f}"}
-                if "penalty" in terms:
-                    post["pen"] = f"{terms['penalty'] / steps:.4g}"
+                if penalty_mean is not None:
+                    post["pen"] = f"{penalty_mean:.4g}"
                 bar.set_postfix(post, refresh=False)
     bar.close()
     if count == 0:
@@ -588,7 +612,7 @@ def _train_epoch(model, loader, optimizer, scheduler, penalty, device, desc, pro
     # give the statistics of the whole batches; the penalty terms are averaged over the processes
     names = sorted(terms)
     loss_total, correct_total, count_total, *term_totals = processes.sum(
-        [float(loss_sum), float(correct), float(count)] + [terms[k] for k in names], device
+        [float(loss_sum), float(correct), float(count)] + [float(terms[k]) for k in names], device
     )
     mean = loss_total / count_total
     if not math.isfinite(mean):
@@ -599,7 +623,7 @@ def _train_epoch(model, loader, optimizer, scheduler, penalty, device, desc, pro
         "penalty": None,
         "penalty_terms": {},
     }
-    if penalty is not None:
+    if names:
         terms = {k: v / processes.world_size for k, v in zip(names, term_totals)}
         total = terms.pop("penalty", None)
         row["penalty"] = None if total is None else total / steps
@@ -675,6 +699,13 @@ def _run(config, resume, stop_after, init_state, processes, device, progress) ->
     run_dir = Path(config.out)
     ckpt_path = run_dir / CHECKPOINT
     main = processes.main
+    if config.cuda_graph and device.type != "cuda":
+        raise ValueError(f"cuda_graph replays CUDA graphs and needs a CUDA device; this run is on {device}")
+    if config.cuda_graph and processes.distributed:
+        raise ValueError(
+            "cuda_graph is not supported with several processes (DistributedDataParallel's gradient hooks "
+            "are not captured); train without it, or in one process"
+        )
     data = qdata.load(config.dataset, root=config.data_root, image_size=config.image_size)
     cfg = _resolve(config, data)
     state = None
@@ -771,13 +802,18 @@ def _run(config, resume, stop_after, init_state, processes, device, progress) ->
             cfg.penalty, cfg.penalty_epochs, cfg.epochs,
         )
     end_epoch = cfg.epochs if stop_after is None else min(cfg.epochs, start_epoch + stop_after)
-    penalty = None
+    penalty, step = None, None
     try:
         for epoch in range(start_epoch, end_epoch):
             if cfg.penalty != "none" and epoch >= penalty_start and penalty is None:
                 penalty = _make_penalty(net, cfg)
+                step = None
                 if main:
                     logger.info("epoch %d: %s penalty on (lambda %g)", epoch + 1, cfg.penalty, cfg.lam)
+            if step is None:
+                step = _step_fn(net, penalty)
+                if cfg.cuda_graph:
+                    step = GraphedStep(step, model.parameters())
             train_loader.set_epoch(epoch)
             t0 = time.perf_counter()
             lr = optimizer.param_groups[0]["lr"]
@@ -788,7 +824,7 @@ def _run(config, resume, stop_after, init_state, processes, device, progress) ->
                     train_loader,
                     optimizer,
                     scheduler,
-                    penalty,
+                    step,
                     device,
                     f"epoch {epoch + 1}/{cfg.epochs}",
                     progress and main,

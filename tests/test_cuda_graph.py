@@ -1,0 +1,182 @@
+"""GraphedStep: argument checks (anywhere), and on a CUDA device replays that equal eager steps bit for bit."""
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import qgrad.models
+from qgrad.cuda_graph import GraphedStep
+from qgrad.penalties import L1GradPenalty
+
+CUDA = torch.cuda.is_available()
+needs_cuda = pytest.mark.skipif(not CUDA, reason="needs a CUDA device")
+# a replay runs the kernels of an eager step; some cuDNN kernels add in a varying order, so the two agree to
+# float32 rounding, not always bit for bit (a stale input or a lost gradient would be off by far more)
+TOL = {"rtol": 1e-4, "atol": 1e-6}
+
+
+def test_rejects_bad_arguments():
+    params = [nn.Parameter(torch.ones(2))]
+    with pytest.raises(TypeError, match="callable"):
+        GraphedStep(3, params)
+    with pytest.raises(TypeError, match="single tensor"):
+        GraphedStep(lambda x: x, params[0])
+    with pytest.raises(TypeError, match="iterable of tensors"):
+        GraphedStep(lambda x: x, [1.0])
+    for warmup in (0, -1, 1.5, True):
+        with pytest.raises(ValueError, match="warmup"):
+            GraphedStep(lambda x: x, params, warmup=warmup)
+    step = GraphedStep(lambda x: x, params)
+    with pytest.raises(ValueError, match="at least one input"):
+        step()
+    with pytest.raises(TypeError, match="input 0 must be a torch.Tensor"):
+        step([1.0])
+    with pytest.raises(ValueError, match="input 0 is on cpu"):
+        step(torch.ones(2))
+
+
+def test_penalty_backward_without_sync_returns_the_same_values_as_tensors():
+    torch.manual_seed(0)
+    model = qgrad.models.get("vgg_like", num_classes=10, width=0.125, in_channels=1).train()
+    x, y = torch.randn(4, 1, 16, 16), torch.randint(0, 10, (4,))
+    results = []
+    for sync in (True, False):
+        penalty = L1GradPenalty(model, 0.05, 0.05)
+        model.zero_grad(set_to_none=True)
+        results.append(penalty.backward(F.cross_entropy(model(x), y), sync=sync))
+        penalty.remove()
+    floats, tensors = results
+    assert list(floats) == list(tensors) == ["loss", "penalty", "weight_l1", "activation_l1"]
+    for k, v in tensors.items():
+        assert isinstance(floats[k], float)
+        assert isinstance(v, torch.Tensor) and v.dim() == 0 and not v.requires_grad
+        assert v.item() == pytest.approx(floats[k], rel=1e-6)
+
+
+def test_every_k_penalty_statistics_without_sync():
+    torch.manual_seed(0)
+    model = qgrad.models.get("vgg_like", num_classes=10, width=0.125, in_channels=1).train()
+    x, y = torch.randn(4, 1, 16, 16), torch.randint(0, 10, (4,))
+    penalty = L1GradPenalty(model, 0.05, 0.05, every=2)
+    scales = [penalty.backward(F.cross_entropy(model(x), y), sync=False)["penalty_scale"] for _ in range(3)]
+    assert [float(s) for s in scales] == [2.0, 0.0, 2.0]
+
+
+# ------------------------------------------------------------------------------------------ GPU
+def _setup(mode, dtype, seed=0):
+    torch.manual_seed(seed)
+    model = qgrad.models.get("resnet18", num_classes=10, width=0.25, in_channels=3).cuda().train()
+    penalty = None
+    if mode == "exact":
+        penalty = L1GradPenalty(model, 0.05, 0.05)
+    elif mode == "worst-case":
+        penalty = L1GradPenalty(model, 0.05, 0.05, method="worst-case", bits=4)
+
+    def loss_of(x, y):
+        # autocast's weight cache would hold casts made during the capture: graphs need it off
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16, cache_enabled=False):
+            return F.cross_entropy(model(x), y)
+
+    def fn(x, y):
+        loss = loss_of(x, y)
+        if penalty is None:
+            loss.backward()
+            return {"loss": loss.detach()}
+        closure = (lambda: loss_of(x, y)) if mode == "worst-case" else None
+        return penalty.backward(loss, closure, sync=False)
+
+    return model, fn
+
+
+def _batch(seed, n=16):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, 3, 16, 16, generator=g).cuda(), torch.randint(0, 10, (n,), generator=g).cuda()
+
+
+def _state(model):
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+@pytest.mark.gpu
+@needs_cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("mode", ["plain", "exact", "worst-case"])
+def test_replay_equals_an_eager_step(mode, dtype):
+    """Every call after the capture gives the gradients, statistics and BatchNorm buffers of an eager call
+    from the same state on the same batch (to rounding, see TOL), and p.grad is the step's gradient even
+    after zero_grad."""
+    model, fn = _setup(mode, dtype)
+    step = GraphedStep(fn, model.parameters(), warmup=2)
+    for i in range(3):  # two eager calls, then the capture (and its first replay)
+        model.zero_grad(set_to_none=True)
+        step(*_batch(i))
+    assert step.captured
+    for seed in (10, 11):
+        x, y = _batch(seed)
+        start = _state(model)
+        model.zero_grad(set_to_none=True)
+        expected = {k: v.clone() for k, v in fn(x, y).items()}
+        grads = [p.grad.clone() for p in model.parameters()]
+        after = _state(model)
+        model.load_state_dict(start)
+        model.zero_grad(set_to_none=True)
+        got = step(x, y)
+        assert all(p.grad is not None for p in model.parameters())
+        for p, g in zip(model.parameters(), grads):
+            torch.testing.assert_close(p.grad, g, **TOL)
+        for k, v in expected.items():
+            torch.testing.assert_close(got[k], v, **TOL)
+        for k, v in after.items():
+            torch.testing.assert_close(model.state_dict()[k], v, **TOL)
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_other_shapes_run_eagerly_and_replays_stay_right():
+    model, fn = _setup("exact", torch.float32)
+    step = GraphedStep(fn, model.parameters(), warmup=1)
+    for i in range(2):
+        step(*_batch(i))
+    graph = step.graph
+    small = _batch(5, n=6)
+    start = _state(model)
+    model.zero_grad(set_to_none=True)
+    expected = float(fn(*small)["penalty"])
+    model.load_state_dict(start)
+    assert float(step(*small)["penalty"]) == pytest.approx(expected, rel=1e-5)  # eager: no capture
+    assert step.graph is graph
+    x, y = _batch(6)
+    start = _state(model)
+    model.zero_grad(set_to_none=True)
+    fn(x, y)
+    expected = [p.grad.clone() for p in model.parameters()]
+    model.load_state_dict(start)
+    step(x, y)
+    for p, g in zip(model.parameters(), expected):
+        torch.testing.assert_close(p.grad, g, **TOL)
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_every_k_refuses_to_be_captured():
+    model, _ = _setup("plain", torch.float32)
+    penalty = L1GradPenalty(model, 0.05, 0.05, every=2)
+    step = GraphedStep(lambda x, y: penalty.backward(F.cross_entropy(model(x), y), sync=False),
+                       model.parameters(), warmup=1)
+    step(*_batch(0))
+    with pytest.raises(RuntimeError, match="every=2"):
+        step(*_batch(1))
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_training_with_cuda_graph_matches_eager_training(tmp_path):
+    from qgrad.training import TrainConfig, train
+
+    rows = {}
+    for graph in (False, True):
+        cfg = TrainConfig(model="vgg_like", dataset="digits", width=0.25, epochs=2, batch_size=64, penalty="l1",
+                          penalty_epochs=1, seed=0, device="cuda", cuda_graph=graph, out=str(tmp_path / str(graph)))
+        rows[graph] = train(cfg, progress=False)
+    for key in ("train_loss", "train_acc", "penalty", "test_acc"):
+        assert rows[True][key] == pytest.approx(rows[False][key], rel=1e-5, abs=1e-6), key
