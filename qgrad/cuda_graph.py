@@ -119,7 +119,9 @@ class GraphedStep:
             if not isinstance(t, torch.Tensor):
                 raise TypeError(f"input {i} must be a torch.Tensor, got {type(t).__name__}")
             if not t.is_cuda:
-                raise ValueError(f"input {i} is on {t.device}; GraphedStep replays CUDA graphs, on CUDA tensors")
+                raise ValueError(
+                    f"input {i} is on {t.device}; GraphedStep replays CUDA graphs, on CUDA tensors"
+                )
         self._calls += 1
         if self.graph is None:
             if self._calls <= self._warmup:

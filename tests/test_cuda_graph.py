@@ -1,4 +1,4 @@
-"""GraphedStep: argument checks (anywhere), and on a CUDA device replays that equal eager steps bit for bit."""
+"""GraphedStep: argument checks (anywhere), and on a CUDA device replays that equal eager steps."""
 import pytest
 import torch
 import torch.nn.functional as F
@@ -74,7 +74,8 @@ def _setup(mode, dtype, seed=0):
 
     def loss_of(x, y):
         # autocast's weight cache would hold casts made during the capture: graphs need it off
-        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16, cache_enabled=False):
+        bf16 = dtype == torch.bfloat16
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=bf16, cache_enabled=False):
             return F.cross_entropy(model(x), y)
 
     def fn(x, y):
@@ -175,8 +176,10 @@ def test_training_with_cuda_graph_matches_eager_training(tmp_path):
 
     rows = {}
     for graph in (False, True):
-        cfg = TrainConfig(model="vgg_like", dataset="digits", width=0.25, epochs=2, batch_size=64, penalty="l1",
-                          penalty_epochs=1, seed=0, device="cuda", cuda_graph=graph, out=str(tmp_path / str(graph)))
+        cfg = TrainConfig(
+            model="vgg_like", dataset="digits", width=0.25, epochs=2, batch_size=64, penalty="l1",
+            penalty_epochs=1, seed=0, device="cuda", cuda_graph=graph, out=str(tmp_path / str(graph)),
+        )
         rows[graph] = train(cfg, progress=False)
     for key in ("train_loss", "train_acc", "penalty", "test_acc"):
         assert rows[True][key] == pytest.approx(rows[False][key], rel=1e-5, abs=1e-6), key
