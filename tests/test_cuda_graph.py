@@ -182,4 +182,4 @@ def test_training_with_cuda_graph_matches_eager_training(tmp_path):
         )
         rows[graph] = train(cfg, progress=False)
     for key in ("train_loss", "train_acc", "penalty", "test_acc"):
-        assert rows[True][key] == pytest.approx(rows[False][key], rel=1e-5, abs=1e-6), key
+        assert rows[True][key] == pytest.approx(rows[False][key], rel=1e-4, abs=1e-6), key
