@@ -10,14 +10,15 @@
 
 How the list is mapped onto one launch per dtype
 ------------------------------------------------
-The tensors of one dtype (made contiguous) are described by a small device table (one host-to-device copy;
-while a CUDA graph is being captured, which cannot record that copy, one launch per tensor instead) with three
-rows: the address of each tensor, the address of its int8 sign buffer and its length. The grid is
+The tensors of one dtype (made contiguous) are described by a small device table (one host-to-device copy)
+with three rows: the address of each tensor, the address of its int8 sign buffer and its length. The grid is
 ``(max_blocks, n_tensors)``: program ``(b, i)`` reads block ``b`` (``BLOCK`` elements) of tensor ``i``,
 writes the block's signs and stores the sum of ``|t|`` over the block at ``partial[i, b]`` (0 for blocks
 past the tensor's end, which load nothing). The norms are then ``partial.sum(dim=1)``: a fixed-order
 reduction, so no atomics, deterministic results and no host synchronization. A single tensor (an activation
 gradient reduced in a hook as the backward produces it) skips the table: its pointers are kernel arguments.
+A CUDA graph cannot record the table's copy (it waits for the host): with ``per_tensor`` every tensor gets
+such a launch of its own, filling its row of ``partial``.
 """
 from __future__ import annotations
 
@@ -75,8 +76,11 @@ def _l1_sign_one_kernel(x_ptr, s_ptr, n, partial_ptr, ACC: tl.constexpr, KEEP_SI
     _block_l1_sign(x_ptr, s_ptr, n, b, partial_ptr + b, ACC, KEEP_SIGN, BLOCK)
 
 
-def _launch(items: List[torch.Tensor], keep_sign: bool) -> Tuple[torch.Tensor, List[torch.Tensor]]:
-    """Norms (accumulation dtype) and signs of contiguous tensors that share a dtype and a device."""
+def _launch(
+    items: List[torch.Tensor], keep_sign: bool, per_tensor: bool
+) -> Tuple[torch.Tensor, List[torch.Tensor]]:
+    """Norms (accumulation dtype) and signs of contiguous tensors that share a dtype and a device; one launch
+    per tensor with ``per_tensor``, else one launch for all of them."""
     device, dtype = items[0].device, items[0].dtype
     acc = torch.float64 if dtype == torch.float64 else torch.float32
     acc_tl = tl.float64 if acc == torch.float64 else tl.float32
@@ -90,10 +94,8 @@ def _launch(items: List[torch.Tensor], keep_sign: bool) -> Tuple[torch.Tensor, L
             ACC=acc_tl, KEEP_SIGN=keep_sign, BLOCK=_BLOCK,
         )
         return partial.sum(dim=1), signs
-    if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
-        # a CUDA graph cannot record the table's host-to-device copy (it synchronizes): one launch per
-        # tensor instead, each filling its row of partial (blocks past a tensor's end store 0); a replay
-        # launches them together at no host cost
+    if per_tensor:
+        # no table: each launch fills its row of partial (blocks past a tensor's end store 0)
         for i, t in enumerate(items):
             _l1_sign_one_kernel[(max_blocks,)](
                 t, signs[i] if keep_sign else partial, t.numel(), partial[i],
@@ -117,33 +119,34 @@ def _launch(items: List[torch.Tensor], keep_sign: bool) -> Tuple[torch.Tensor, L
 
 
 def l1_norm_sign(
-    tensors: Sequence[torch.Tensor], keep_sign: bool, result_dtype: torch.dtype
+    tensors: Sequence[torch.Tensor], keep_sign: bool, result_dtype: torch.dtype, per_tensor: bool = False
 ) -> Tuple[torch.Tensor, Optional[List[torch.Tensor]]]:
     """``(norms, signs)`` for a checked, non-empty list of float tensors on one device (CUDA, or CPU under
     ``TRITON_INTERPRET=1``): ``norms`` ``(len(tensors),)`` in ``result_dtype``, ``signs`` int8 or None.
 
-    One launch per distinct dtype in the list (usually one); non-contiguous tensors are copied first.
+    One launch per distinct dtype in the list (usually one), or with ``per_tensor`` one per tensor and no
+    host-to-device copy (what a CUDA graph can record); non-contiguous tensors are copied first.
     """
     items = [t.contiguous() for t in tensors]
     groups: Dict[torch.dtype, List[int]] = {}
     for k, t in enumerate(items):
         groups.setdefault(t.dtype, []).append(k)
     if len(groups) == 1:  # one dtype: the norms come out in order, no scatter (a list index is a host copy)
-        norms, signs = _launch(items, keep_sign)
+        norms, signs = _launch(items, keep_sign, per_tensor)
         return norms.to(result_dtype), (signs if keep_sign else None)
     # several dtypes (bfloat16 activation gradients beside float32 weight gradients under autocast): the
     # norms are put back in order by one stack of views; indexing with the list would copy it to the device
     # first, which a CUDA graph cannot record
-    per_tensor: List[Optional[torch.Tensor]] = [None] * len(items)
+    ordered: List[Optional[torch.Tensor]] = [None] * len(items)
     signs: List[Optional[torch.Tensor]] = [None] * len(items)
     for dtype, index in groups.items():
-        group_norms, group_signs = _launch([items[k] for k in index], keep_sign)
+        group_norms, group_signs = _launch([items[k] for k in index], keep_sign, per_tensor)
         group_norms = group_norms.to(result_dtype)
         for j, k in enumerate(index):
-            per_tensor[k] = group_norms[j]
+            ordered[k] = group_norms[j]
             if keep_sign:
                 signs[k] = group_signs[j]
-    return torch.stack(per_tensor), (signs if keep_sign else None)
+    return torch.stack(ordered), (signs if keep_sign else None)
 
 
 @triton.jit

@@ -32,7 +32,18 @@ from typing import Any, Callable, Iterable, List, Optional, Tuple
 
 import torch
 
-__all__ = ["GraphedStep"]
+__all__ = ["GraphedStep", "graph_safe_launches"]
+
+# GraphedStep calls in their warm-up or capture: kernels then launch as they will inside the graph, so that
+# the capture finds every kernel already compiled (Triton compiles a kernel at its first launch for each
+# specialization, which a capture cannot record)
+_preparing = 0
+
+
+def graph_safe_launches() -> bool:
+    """Whether a CUDA op should launch in a form a CUDA graph can record (no host-to-device copy of a table
+    made on the host): while a graph is captured, and during a :class:`GraphedStep`'s warm-up calls."""
+    return _preparing > 0 or torch.cuda.is_current_stream_capturing()
 
 
 def _signature(inputs: Tuple[torch.Tensor, ...]) -> Tuple:
@@ -113,6 +124,7 @@ class GraphedStep:
         self._signature = _signature(inputs)
 
     def __call__(self, *inputs: torch.Tensor) -> Any:
+        global _preparing
         if not inputs:
             raise ValueError("GraphedStep needs at least one input tensor")
         for i, t in enumerate(inputs):
@@ -124,9 +136,13 @@ class GraphedStep:
                 )
         self._calls += 1
         if self.graph is None:
-            if self._calls <= self._warmup:
-                return self._eager(inputs, side_stream=True)
-            self._capture(inputs)
+            _preparing += 1
+            try:
+                if self._calls <= self._warmup:
+                    return self._eager(inputs, side_stream=True)
+                self._capture(inputs)
+            finally:
+                _preparing -= 1
         elif _signature(inputs) != self._signature:
             return self._eager(inputs, side_stream=False)
         else:

@@ -1286,6 +1286,12 @@ class L1GradPenalty(_GradNormPenalty):
         saved_buffers = _snapshot(buffers)
         shift = _ActivationShift(shifts) if shifts else None
         rng = self._rng
+        # DistributedDataParallel broadcasts the buffers at the start of every forward, in place: in the
+        # second forward that would bump version counters that the first forward's graph may check (torch
+        # 2.11's BatchNorm saves its running statistics), and the buffers are restored below anyway
+        broadcast = getattr(self.model, "broadcast_buffers", None)
+        if isinstance(self.model, nn.parallel.DistributedDataParallel):
+            self.model.broadcast_buffers = False
         try:
             # .data: the move and the restore must not bump the weights' version counters, so that a graph
             # that saved them (the first forward's, kept by penalty(loss, closure)) stays usable; the restore
@@ -1321,6 +1327,8 @@ class L1GradPenalty(_GradNormPenalty):
             g2 = torch.autograd.grad(loss2, targets, allow_unused=True)
         finally:
             self._second_forward = None
+            if isinstance(self.model, nn.parallel.DistributedDataParallel):
+                self.model.broadcast_buffers = broadcast
             with torch.no_grad():
                 _copy_all(moved, saved)
                 # every buffer is put back: BatchNorm's kernel updates the running statistics without bumping

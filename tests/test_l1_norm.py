@@ -100,6 +100,27 @@ def test_signs_are_saved_as_int8_and_mixed_dtypes_work():
     assert [g.dtype for g in grads] == [t.dtype for t in tensors]
 
 
+@pytest.mark.parametrize("keep_sign", [True, False])
+def test_triton_per_tensor_launches_match_the_table_launch(keep_sign, implementation):
+    """The launches a CUDA graph can record (one per tensor, no table copied from the host) give the norms
+    and signs of the single table launch, bit for bit, for one dtype and for mixed dtypes."""
+    if implementation != "triton":
+        pytest.skip("a property of the Triton launcher")
+    from qgrad import kernels
+
+    g = torch.Generator().manual_seed(3)
+    one = [torch.randn(s, generator=g) for s in [(5, 123, 123), (7,), (3, 1, 5, 9), (), (4097,)]]
+    mixed = one[:2] + [torch.randn(6, 7, generator=g, dtype=torch.float16), torch.randn(9, generator=g)]
+    for items in (one, mixed):
+        table = kernels.l1_norm_sign(items, keep_sign, torch.float32)
+        launches = kernels.l1_norm_sign(items, keep_sign, torch.float32, per_tensor=True)
+        assert torch.equal(table[0], launches[0])
+        if keep_sign:
+            assert all(torch.equal(a, b) for a, b in zip(table[1], launches[1]))
+        else:
+            assert table[1] is None and launches[1] is None
+
+
 def test_no_grad_skips_the_signs_and_keeps_values():
     tensors = make_tensors(torch.float32)
     with torch.no_grad():

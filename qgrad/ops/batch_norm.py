@@ -191,8 +191,12 @@ class BatchNormBackwardFn(torch.autograd.Function):
             return torch.ops.aten.native_batch_norm_backward(
                 dy, x, weight, None, None, stat_a, stat_b, True, eps, [True, True, True]
             )
+        # eval mode: the running statistics are the ones used. CUDA's kernel for channels-last inputs wants
+        # saved statistics in any case; empty ones (what native_batch_norm returns in eval mode) tell it to
+        # derive them from the running ones
+        empty = stat_a.new_empty(0) if x.is_cuda else None
         return torch.ops.aten.native_batch_norm_backward(
-            dy, x, weight, stat_a, stat_b, None, None, False, eps, [True, True, True]
+            dy, x, weight, stat_a, stat_b, empty, empty, False, eps, [True, True, True]
         )
 
     @staticmethod

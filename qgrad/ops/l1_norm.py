@@ -46,6 +46,7 @@ from typing import List, Optional, Sequence, Tuple
 
 import torch
 
+from qgrad.cuda_graph import graph_safe_launches
 from qgrad.ops.dispatch import cpu_kernel, triton_kernel
 from qgrad.ops.layout import dense_order, inverse_order
 
@@ -119,7 +120,10 @@ def l1_norm_sign(
             orders = [dense_order(t) for t in tensors]
             views = [t if o is None else t.permute(o) for t, o in zip(tensors, orders)]
             if launcher is not None:
-                norms, signs = launcher(views, keep_sign, dtype)
+                # in a CUDA graph, and in the warm-up calls before its capture (so that the capture compiles
+                # no new kernel), one launch per tensor instead of a table copied from the host
+                per_tensor = tensors[0].is_cuda and graph_safe_launches()
+                norms, signs = launcher(views, keep_sign, dtype, per_tensor)
             else:
                 norms, signs = kernel(views, keep_sign)
             if keep_sign:
