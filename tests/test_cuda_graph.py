@@ -185,14 +185,27 @@ def test_every_k_refuses_to_be_captured():
 @pytest.mark.gpu
 @needs_cuda
 def test_training_with_cuda_graph_matches_eager_training(tmp_path, deterministic):
+    """qgrad train --cuda-graph against the same run without: a plain epoch, then a penalized one (a new
+    graph). The plain epochs agree to rounding. The penalized ones only closely: a replay and an eager step
+    agree to rounding but not always bit for bit (measured: relative differences up to 1e-7 in a step's
+    gradients), and the signs in the penalty's gradient turn such differences into different steps; a replay
+    on a stale batch or a lost gradient would change the epoch far more."""
+    import json
+
     from qgrad.training import TrainConfig, train
 
-    rows = {}
+    epochs = {}
     for graph in (False, True):
+        out = tmp_path / str(graph)
         cfg = TrainConfig(
             model="vgg_like", dataset="digits", width=0.25, epochs=2, batch_size=64, penalty="l1",
-            penalty_epochs=1, seed=0, device="cuda", cuda_graph=graph, out=str(tmp_path / str(graph)),
+            penalty_epochs=1, seed=0, device="cuda", cuda_graph=graph, out=str(out),
         )
-        rows[graph] = train(cfg, progress=False)
-    for key in ("train_loss", "train_acc", "penalty", "test_acc"):
-        assert rows[True][key] == pytest.approx(rows[False][key], rel=1e-4, abs=1e-6), key
+        train(cfg, progress=False)
+        epochs[graph] = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    plain, penalized = zip(epochs[False], epochs[True])
+    for key in ("train_loss", "train_acc", "test_loss", "test_acc"):
+        assert plain[1][key] == pytest.approx(plain[0][key], rel=1e-4, abs=1e-6), key
+    assert penalized[0]["penalty"] is not None and penalized[1]["penalty"] is not None
+    for key, rel in (("train_loss", 0.02), ("penalty", 0.05)):
+        assert penalized[1][key] == pytest.approx(penalized[0][key], rel=rel), key
