@@ -3,7 +3,7 @@
 Why: a penalized step runs a forward, a backward that builds a graph and a backward through that graph --
 about 1,500 kernel launches for a ResNet-18, each preceded by Python, the autograd engine and the launch
 itself on the host. At CIFAR sizes a fast GPU finishes the kernels long before the host has issued them (an
-H100 at batch 128: 25 ms of kernels in a 48 ms exact step). A CUDA graph records the kernels of one step
+H100 at batch 128: 25 ms of kernels in a 49 ms exact step). A CUDA graph records the kernels of one step
 and replays them with a single launch, so a replayed step costs its kernels only.
 
 How: the first ``warmup`` calls run ``fn`` as usual (on a side stream, so that lazy initialization such as
@@ -21,14 +21,15 @@ What must hold for ``fn`` (CUDA's rules for graphs, in practice):
 * it computes gradients from scratch: every call *replaces* ``.grad`` (no accumulation across calls);
 * the optimizer step stays outside (learning-rate schedules change Python floats that a graph would freeze).
 
-:class:`qgrad.L1GradPenalty` in its exact mode with ``every=1`` satisfies these when called with
-``sync=False``; ``every > 1`` alternates two kinds of step and is refused under capture. A call whose
-inputs differ in shape, dtype or device from the captured ones (the last, smaller batch of an epoch) runs
-``fn`` eagerly instead.
+:class:`qgrad.L1GradPenalty` with ``every=1`` (exact or worst-case) satisfies these when called with
+``sync=False``. With ``every > 1`` it decides in Python which kind of step comes next, which a replay cannot
+do, and it refuses to be captured; :class:`GraphedStep` shows how to get the same steps from two graphs. A
+call whose inputs differ in shape, dtype or device from the captured ones (the last, smaller batch of an
+epoch) runs ``fn`` eagerly instead.
 """
 from __future__ import annotations
 
-from typing import Any, Callable, Iterable, List, Optional, Tuple
+from typing import Any, Callable, Iterable, List, Optional, Sequence, Tuple, Union
 
 import torch
 
@@ -50,16 +51,31 @@ def _signature(inputs: Tuple[torch.Tensor, ...]) -> Tuple:
     return tuple((t.shape, t.dtype, t.device, t.stride()) for t in inputs)
 
 
+class _Variant:
+    """One kind of step of a :class:`GraphedStep`: its function, calls so far, and once captured its graph,
+    static inputs, outputs and gradients."""
+
+    def __init__(self, fn: Callable[..., Any]):
+        self.fn = fn
+        self.calls = 0
+        self.graph: Optional[torch.cuda.CUDAGraph] = None
+        self.signature: Optional[Tuple] = None
+        self.static_inputs: Tuple[torch.Tensor, ...] = ()
+        self.outputs: Any = None
+        self.grads: List[Tuple[torch.Tensor, torch.Tensor]] = []
+
+
 class GraphedStep:
     """Calls ``fn(*inputs)`` through a CUDA graph captured at the ``warmup + 1``-th call.
 
     Args:
         fn: the step's forward and backward, ``fn(*inputs) -> outputs`` (a tensor, or a tuple / list / dict
             of tensors, e.g. the statistics of ``penalty.backward(loss, sync=False)``). See the module
-            docstring for what it may do.
+            docstring for what it may do. A list of functions makes one graph per function (the kinds of
+            step of a training loop that alternates them); ``variant=i`` picks ``fn[i]`` at each call.
         params: the tensors whose ``.grad`` the step writes (e.g. ``model.parameters()``).
-        warmup: eager calls before the capture (at least 1: cuDNN, cuBLAS and Triton initialize lazily, and
-            their first calls must not be recorded).
+        warmup: eager calls of each function before its capture (at least 1: cuDNN, cuBLAS and Triton
+            initialize lazily, and their first calls must not be recorded).
 
     Every input must be a CUDA tensor. Example::
 
@@ -72,11 +88,28 @@ class GraphedStep:
         for x, y in loader:
             stats = step(x, y)         # forward, penalty, backward; p.grad is set
             optimizer.step()
+
+    ``L1GradPenalty(every=k)`` decides in Python which kind of step comes next, which a replay cannot; the
+    same steps come from ``L1GradPenalty(model, k * weight, k * activation)`` on every k-th step and a plain
+    ``loss.backward()`` in between, as two functions::
+
+        step = GraphedStep([penalized, plain], model.parameters())
+        for i, (x, y) in enumerate(loader):
+            stats = step(x, y, variant=0 if i % k == 0 else 1)
     """
 
-    def __init__(self, fn: Callable[..., Any], params: Iterable[torch.Tensor], warmup: int = 3):
-        if not callable(fn):
-            raise TypeError(f"fn must be callable, got {type(fn).__name__}")
+    def __init__(
+        self,
+        fn: Union[Callable[..., Any], Sequence[Callable[..., Any]]],
+        params: Iterable[torch.Tensor],
+        warmup: int = 3,
+    ):
+        fns = list(fn) if isinstance(fn, (list, tuple)) else [fn]
+        if not fns:
+            raise ValueError("fn must be a function or a non-empty list of functions")
+        for f in fns:
+            if not callable(f):
+                raise TypeError(f"fn must be callable (or a list of callables), got {type(f).__name__}")
         if isinstance(params, torch.Tensor):
             raise TypeError("params must be an iterable of tensors, got a single tensor; pass [tensor]")
         self._params: List[torch.Tensor] = list(params)
@@ -84,47 +117,48 @@ class GraphedStep:
             raise TypeError("params must be an iterable of tensors")
         if isinstance(warmup, bool) or not isinstance(warmup, int) or warmup < 1:
             raise ValueError(f"warmup must be an int >= 1, got {warmup!r}")
-        self._fn = fn
+        self._variants = [_Variant(f) for f in fns]
         self._warmup = warmup
-        self._calls = 0
-        self.graph: Optional[torch.cuda.CUDAGraph] = None
-        self._signature: Optional[Tuple] = None
-        self._static_inputs: Tuple[torch.Tensor, ...] = ()
-        self._outputs: Any = None
-        self._grads: List[Tuple[torch.Tensor, torch.Tensor]] = []
+
+    @property
+    def graphs(self) -> List[Optional[torch.cuda.CUDAGraph]]:
+        """The graph of each function, None until it is captured."""
+        return [v.graph for v in self._variants]
 
     @property
     def captured(self) -> bool:
-        """Whether the graph has been captured (later calls with the same input shapes replay it)."""
-        return self.graph is not None
+        """Whether every function's graph has been captured (later calls with the same input shapes replay)."""
+        return all(v.graph is not None for v in self._variants)
 
     def _clear_grads(self) -> None:
         for p in self._params:
             p.grad = None
 
-    def _eager(self, inputs: Tuple[torch.Tensor, ...], side_stream: bool) -> Any:
+    def _eager(self, v: _Variant, inputs: Tuple[torch.Tensor, ...], side_stream: bool) -> Any:
         self._clear_grads()
         if not side_stream:
-            return self._fn(*inputs)
+            return v.fn(*inputs)
         stream = torch.cuda.Stream(inputs[0].device)
         stream.wait_stream(torch.cuda.current_stream(inputs[0].device))
         with torch.cuda.stream(stream):
-            out = self._fn(*inputs)
+            out = v.fn(*inputs)
         torch.cuda.current_stream(inputs[0].device).wait_stream(stream)
         return out
 
-    def _capture(self, inputs: Tuple[torch.Tensor, ...]) -> None:
-        self._static_inputs = tuple(t.detach().clone() for t in inputs)
+    def _capture(self, v: _Variant, inputs: Tuple[torch.Tensor, ...]) -> None:
+        v.static_inputs = tuple(t.detach().clone() for t in inputs)
         self._clear_grads()
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
-            self._outputs = self._fn(*self._static_inputs)
-        self._grads = [(p, p.grad) for p in self._params if p.grad is not None]
-        self.graph = graph
-        self._signature = _signature(inputs)
+            v.outputs = v.fn(*v.static_inputs)
+        v.grads = [(p, p.grad) for p in self._params if p.grad is not None]
+        v.graph = graph
+        v.signature = _signature(inputs)
 
-    def __call__(self, *inputs: torch.Tensor) -> Any:
+    def __call__(self, *inputs: torch.Tensor, variant: int = 0) -> Any:
         global _preparing
+        if isinstance(variant, bool) or not isinstance(variant, int) or not 0 <= variant < len(self._variants):
+            raise ValueError(f"variant must be an int in [0, {len(self._variants)}), got {variant!r}")
         if not inputs:
             raise ValueError("GraphedStep needs at least one input tensor")
         for i, t in enumerate(inputs):
@@ -134,21 +168,22 @@ class GraphedStep:
                 raise ValueError(
                     f"input {i} is on {t.device}; GraphedStep replays CUDA graphs, on CUDA tensors"
                 )
-        self._calls += 1
-        if self.graph is None:
+        v = self._variants[variant]
+        v.calls += 1
+        if v.graph is None:
             _preparing += 1
             try:
-                if self._calls <= self._warmup:
-                    return self._eager(inputs, side_stream=True)
-                self._capture(inputs)
+                if v.calls <= self._warmup:
+                    return self._eager(v, inputs, side_stream=True)
+                self._capture(v, inputs)
             finally:
                 _preparing -= 1
-        elif _signature(inputs) != self._signature:
-            return self._eager(inputs, side_stream=False)
+        elif _signature(inputs) != v.signature:
+            return self._eager(v, inputs, side_stream=False)
         else:
-            for static, t in zip(self._static_inputs, inputs):
+            for static, t in zip(v.static_inputs, inputs):
                 static.copy_(t, non_blocking=True)
-        self.graph.replay()
-        for p, g in self._grads:
+        v.graph.replay()
+        for p, g in v.grads:
             p.grad = g
-        return self._outputs
+        return v.outputs

@@ -131,8 +131,9 @@ class TrainConfig:
             (NHWC), usually the faster one for convolutions on CPUs and GPUs, penalized steps included; results
             differ from the default layout by float rounding only.
         cuda_graph: run the forward and backward of every training step as a replayed CUDA graph
-            (:class:`qgrad.cuda_graph.GraphedStep`): the same results without the host's cost of launching
-            each kernel, which bounds small-image steps on fast GPUs. CUDA only, one process, ``every=1``.
+            (:class:`qgrad.cuda_graph.GraphedStep`; with ``every > 1`` one graph for the penalized steps and
+            one for the plain ones): the same steps without the host's cost of launching each kernel, which
+            bounds small-image steps on fast GPUs. CUDA only, one process.
         num_classes, in_channels: taken from the dataset when ``None``.
     """
 
@@ -200,11 +201,6 @@ def _check_config(cfg: TrainConfig) -> None:
     for name in ("channels_last", "cuda_graph"):
         if not isinstance(getattr(cfg, name), bool):
             raise ValueError(f"{name} must be True or False, got {getattr(cfg, name)!r}")
-    if cfg.cuda_graph and cfg.every != 1:
-        raise ValueError(
-            f"cuda_graph replays one kind of step; every={cfg.every} alternates penalized and plain steps "
-            "(use every=1, or train without cuda_graph)"
-        )
     if cfg.penalty not in PENALTIES:
         raise ValueError(f"penalty must be one of {PENALTIES}, got {cfg.penalty!r}")
     for name in ("lr", "width"):
@@ -417,9 +413,10 @@ def _make_penalty(model: nn.Module, cfg: TrainConfig):
     from qgrad.penalties import L1GradPenalty, L2GradPenalty, OrthogonalityPenalty
 
     if cfg.penalty == "l1":
-        return L1GradPenalty(
-            model, weight=cfg.lam, activation=cfg.lam, every=cfg.every, method=cfg.method, bits=cfg.bits
-        )
+        every, lam = cfg.every, cfg.lam
+        if cfg.cuda_graph:  # every > 1 runs as two graphs (_EveryKGraphs): the penalty applies at every call
+            every, lam = 1, cfg.lam * cfg.every
+        return L1GradPenalty(model, weight=lam, activation=lam, every=every, method=cfg.method, bits=cfg.bits)
     if cfg.penalty == "l2":
         return L2GradPenalty(model, weight=cfg.lam, activation=cfg.lam)
     return OrthogonalityPenalty(model, weight=cfg.lam)
@@ -555,6 +552,41 @@ def _step_fn(net: nn.Module, penalty) -> Callable[[torch.Tensor, torch.Tensor], 
         return stats
 
     return step
+
+
+class _EveryKGraphs:
+    """``L1GradPenalty(every=k)``'s steps as two CUDA graphs: ``penalty`` (made with ``k`` times the
+    coefficients and ``every=1``) on calls 0, k, 2k, ..., a plain backward on the others, with the statistics
+    ``L1GradPenalty(every=k)`` reports (the unscaled penalty, ``penalty_scale``, and on plain steps those of
+    the last penalized one)."""
+
+    def __init__(self, net: nn.Module, model: nn.Module, penalty, every: int):
+        self._graphs = GraphedStep([_step_fn(net, penalty), _step_fn(net, None)], model.parameters())
+        self._every = every
+        self._calls = 0
+        self._last: Dict[str, torch.Tensor] = {}
+
+    def __call__(self, x: torch.Tensor, y: torch.Tensor) -> Dict[str, torch.Tensor]:
+        applied = self._calls % self._every == 0
+        self._calls += 1
+        stats = dict(self._graphs(x, y, variant=0 if applied else 1))
+        if applied:
+            stats["penalty"] = stats["penalty"] / self._every
+            # copies: the graph's outputs are overwritten by its next replay
+            self._last = {k: v.clone() for k, v in stats.items() if k not in ("loss", "correct")}
+        else:
+            stats.update(self._last)
+        stats["penalty_scale"] = stats["loss"].new_full((), float(self._every) if applied else 0.0)
+        return stats
+
+
+def _make_step(net: nn.Module, model: nn.Module, penalty, cfg: TrainConfig):
+    """The training step for ``cfg``: :func:`_step_fn`, replayed as CUDA graphs with ``cfg.cuda_graph``."""
+    if not cfg.cuda_graph:
+        return _step_fn(net, penalty)
+    if penalty is not None and cfg.every > 1:
+        return _EveryKGraphs(net, model, penalty, cfg.every)
+    return GraphedStep(_step_fn(net, penalty), model.parameters())
 
 
 def _train_epoch(model, loader, optimizer, scheduler, step, device, desc, progress, processes) -> dict:
@@ -811,9 +843,7 @@ def _run(config, resume, stop_after, init_state, processes, device, progress) ->
                 if main:
                     logger.info("epoch %d: %s penalty on (lambda %g)", epoch + 1, cfg.penalty, cfg.lam)
             if step is None:
-                step = _step_fn(net, penalty)
-                if cfg.cuda_graph:
-                    step = GraphedStep(step, model.parameters())
+                step = _make_step(net, model, penalty, cfg)
             train_loader.set_epoch(epoch)
             t0 = time.perf_counter()
             lr = optimizer.param_groups[0]["lr"]

@@ -105,13 +105,6 @@ def test_cuda_graph_without_cuda_is_refused_in_one_line(tmp_path, capsys):
     assert not (tmp_path / "run").exists()
 
 
-def test_cuda_graph_with_every_is_refused(tmp_path, capsys):
-    argv = ["train", *TINY, "--penalty", "l1", "--every", "2", "--cuda-graph", "--out", str(tmp_path / "run")]
-    assert main(argv) == 1
-    err = capsys.readouterr().err
-    assert "every=2" in err and "cuda_graph" in err and "Traceback" not in err
-
-
 def test_resume_with_a_changed_setting_is_refused(run_dir, capsys):
     assert main(["train", "--out", str(run_dir), "--resume", "--lr", "0.2", "--no-progress"]) == 1
     assert "lr: stored 0.05, now 0.2" in capsys.readouterr().err

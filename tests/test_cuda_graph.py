@@ -1,4 +1,6 @@
 """GraphedStep: argument checks (anywhere), and on a CUDA device replays that equal eager steps."""
+import dataclasses
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -33,6 +35,10 @@ def test_rejects_bad_arguments():
     params = [nn.Parameter(torch.ones(2))]
     with pytest.raises(TypeError, match="callable"):
         GraphedStep(3, params)
+    with pytest.raises(TypeError, match="callable"):
+        GraphedStep([lambda x: x, "f"], params)
+    with pytest.raises(ValueError, match="non-empty list"):
+        GraphedStep([], params)
     with pytest.raises(TypeError, match="single tensor"):
         GraphedStep(lambda x: x, params[0])
     with pytest.raises(TypeError, match="iterable of tensors"):
@@ -47,6 +53,9 @@ def test_rejects_bad_arguments():
         step([1.0])
     with pytest.raises(ValueError, match="input 0 is on cpu"):
         step(torch.ones(2))
+    for variant in (1, -1, True, "0"):
+        with pytest.raises(ValueError, match=r"variant must be an int in \[0, 1\)"):
+            step(torch.ones(2), variant=variant)
 
 
 def test_penalty_backward_without_sync_returns_the_same_values_as_tensors():
@@ -74,6 +83,69 @@ def test_every_k_penalty_statistics_without_sync():
     penalty = L1GradPenalty(model, 0.05, 0.05, every=2)
     scales = [penalty.backward(F.cross_entropy(model(x), y), sync=False)["penalty_scale"] for _ in range(3)]
     assert [float(s) for s in scales] == [2.0, 0.0, 2.0]
+
+
+def test_every_k_is_the_scaled_penalty_every_kth_step_and_plain_steps_between():
+    """What GraphedStep's docstring does with two graphs: L1GradPenalty(every=k)'s steps are those of
+    L1GradPenalty(k * weight, k * activation) on calls 0, k, 2k, ... and of loss.backward() on the others."""
+    torch.manual_seed(0)
+    model = qgrad.models.get("vgg_like", num_classes=10, width=0.125, in_channels=1).train()
+    x, y = torch.randn(6, 1, 16, 16, dtype=torch.float64), torch.randint(0, 10, (6,))
+    model.double()
+    every = L1GradPenalty(model, 0.05, 0.02, every=3)
+    got = []
+    for _ in range(4):
+        model.zero_grad(set_to_none=True)
+        every.backward(F.cross_entropy(model(x), y))
+        got.append([p.grad.clone() for p in model.parameters()])
+    every.remove()
+    scaled = L1GradPenalty(model, 0.15, 0.06)
+    for i in range(4):
+        model.zero_grad(set_to_none=True)
+        loss = F.cross_entropy(model(x), y)
+        if i % 3 == 0:
+            scaled.backward(loss)
+        else:
+            loss.backward()
+        for a, b in zip(got[i], (p.grad for p in model.parameters())):
+            torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)  # float64, other kernels
+
+
+@pytest.mark.parametrize("method", ["exact", "worst-case"])
+def test_trainer_every_k_as_two_graphs_takes_the_steps_and_reports_the_statistics_of_every_k(method, monkeypatch):
+    """The trainer's every=k under --cuda-graph (two functions of a GraphedStep, run eagerly here) gives the
+    gradients and the statistics of L1GradPenalty(every=k), step after step."""
+    import copy
+
+    import qgrad.training
+    from qgrad.training import TrainConfig, _make_penalty, _make_step, _step_fn
+
+    class Eager:  # GraphedStep's semantics without CUDA: every call replaces .grad
+        def __init__(self, fns, params, warmup=3):
+            self.fns, self.params = fns, list(params)
+
+        def __call__(self, x, y, variant=0):
+            for p in self.params:
+                p.grad = None
+            return self.fns[variant](x, y)
+
+    monkeypatch.setattr(qgrad.training, "GraphedStep", Eager)
+    torch.manual_seed(0)
+    model = qgrad.models.get("vgg_like", num_classes=10, width=0.125, in_channels=1).double().train()
+    twin = copy.deepcopy(model)
+    x, y = torch.randn(6, 1, 16, 16, dtype=torch.float64), torch.randint(0, 10, (6,))
+    cfg = TrainConfig(penalty="l1", lam=0.02, every=3, method=method, cuda_graph=True, out="unused")
+    eager = _step_fn(model, _make_penalty(model, dataclasses.replace(cfg, cuda_graph=False)))
+    graphs = _make_step(twin, twin, _make_penalty(twin, cfg), cfg)
+    for i in range(5):
+        model.zero_grad(set_to_none=True)
+        expected = eager(x, y)
+        got = graphs(x, y)
+        assert sorted(got) == sorted(expected)
+        for k, v in expected.items():
+            torch.testing.assert_close(got[k].double(), v.double(), rtol=1e-9, atol=1e-12, msg=f"step {i}: {k}")
+        for (name, p), q in zip(model.named_parameters(), twin.parameters()):
+            torch.testing.assert_close(q.grad, p.grad, rtol=1e-9, atol=1e-12, msg=f"step {i}: {name}")
 
 
 # ------------------------------------------------------------------------------------------ GPU
@@ -151,14 +223,14 @@ def test_other_shapes_run_eagerly_and_replays_stay_right(deterministic):
     step = GraphedStep(fn, model.parameters(), warmup=1)
     for i in range(2):
         step(*_batch(i))
-    graph = step.graph
+    graph = step.graphs[0]
     small = _batch(5, n=6)
     start = _state(model)
     model.zero_grad(set_to_none=True)
     expected = float(fn(*small)["penalty"])
     model.load_state_dict(start)
     assert float(step(*small)["penalty"]) == pytest.approx(expected, rel=1e-5)  # eager: no capture
-    assert step.graph is graph
+    assert step.graphs[0] is graph
     x, y = _batch(6)
     start = _state(model)
     model.zero_grad(set_to_none=True)
@@ -168,6 +240,34 @@ def test_other_shapes_run_eagerly_and_replays_stay_right(deterministic):
     step(x, y)
     for (name, p), g in zip(model.named_parameters(), expected):
         _assert_near(p.grad, g, f"gradient of {name}")
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_two_functions_alternate_their_graphs(deterministic):
+    """every=2 as two graphs: each call replays its function's graph and matches an eager call of it."""
+    model, penalized = _setup("exact", torch.float32)
+
+    def plain(x, y):
+        loss = F.cross_entropy(model(x), y)
+        loss.backward()
+        return {"loss": loss.detach()}
+    step = GraphedStep([penalized, plain], model.parameters(), warmup=1)
+    for i in range(4):  # each function: one eager call, then its capture
+        step(*_batch(i), variant=i % 2)
+    assert step.captured and step.graphs[0] is not step.graphs[1]
+    for i in range(4):
+        x, y = _batch(20 + i)
+        fn = (penalized, plain)[i % 2]
+        start = _state(model)
+        model.zero_grad(set_to_none=True)
+        expected = {k: v.clone() for k, v in fn(x, y).items()}
+        grads = [p.grad.clone() for p in model.parameters()]
+        model.load_state_dict(start)
+        got = step(x, y, variant=i % 2)
+        assert sorted(got) == sorted(expected)
+        for (name, p), g in zip(model.named_parameters(), grads):
+            _assert_near(p.grad, g, f"call {i}, gradient of {name}")
 
 
 @pytest.mark.gpu
@@ -184,9 +284,11 @@ def test_every_k_refuses_to_be_captured():
 
 @pytest.mark.gpu
 @needs_cuda
-def test_training_with_cuda_graph(tmp_path, monkeypatch):
-    """qgrad train --cuda-graph: a plain epoch, then a penalized one, each replaying a graph of its own, and
-    the model learns (a lost gradient or a replay on a stale batch would leave it near chance).
+@pytest.mark.parametrize("every", [1, 2])
+def test_training_with_cuda_graph(every, tmp_path, monkeypatch):
+    """qgrad train --cuda-graph: a plain epoch, then a penalized one, each replaying graphs of its own (with
+    every=2 two: penalized and plain steps), and the model learns (a lost gradient or a replay on a stale
+    batch would leave it near chance).
 
     The runs are not compared with eager ones step for step: on a GPU two eager runs of this configuration
     already differ (measured on an H100: the penalized epoch's training loss 1.04 in one run, 1.27 in the
@@ -205,9 +307,12 @@ def test_training_with_cuda_graph(tmp_path, monkeypatch):
     monkeypatch.setattr(qgrad.training, "GraphedStep", Recording)
     cfg = TrainConfig(
         model="vgg_like", dataset="digits", width=0.25, epochs=2, batch_size=64, penalty="l1",
-        penalty_epochs=1, seed=0, device="cuda", cuda_graph=True, out=str(tmp_path / "run"),
+        penalty_epochs=1, seed=0, device="cuda", cuda_graph=True, every=every, out=str(tmp_path / "run"),
     )
     row = train(cfg, progress=False)
     assert len(made) == 2 and all(step.captured for step in made)
+    assert [len(step.graphs) for step in made] == [1, 1 if every == 1 else 2]
     assert row["penalty"] is not None and 0 < row["penalty"] < float("inf")
+    if every == 2:  # penalized and plain steps alternate: the mean scale is 2 * 1/2
+        assert row["penalty_terms"]["penalty_scale"] == pytest.approx(1.0, abs=0.05)
     assert row["train_acc"] > 40 and row["test_acc"] > 30  # chance: 10%; eager runs: 57-65% and 48-53%

@@ -80,8 +80,8 @@ _OPTIONS = (
         "--cuda-graph",
         "cuda_graph",
         bool,
-        "replay each step's forward and backward as a CUDA graph (same results, no per-kernel host cost; one "
-        "GPU, every 1)",
+        "replay each step's forward and backward as a CUDA graph (the same steps without the host's cost of "
+        "launching each kernel; one GPU)",
     ),
 )
 
