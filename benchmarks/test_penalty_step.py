@@ -135,14 +135,16 @@ def _setup(name, mode, dtype):
         "exact_autograd": lambda: _AutogradPenalty(model),
         "exact_qgrad": lambda: L1GradPenalty(model, weight=LAMBDA, activation=LAMBDA),
         "exact_qgrad_weights": lambda: L1GradPenalty(model, weight=LAMBDA, activation=0.0),
-        "every4": lambda: L1GradPenalty(model, weight=LAMBDA, activation=LAMBDA, every=4),
+        # with graphs, L1GradPenalty(every=4)'s steps come from two graphs (it picks each step's kind in
+        # Python, which a replay cannot): 4x the coefficients on one step in 4, plain steps between
+        "every4": lambda: (
+            L1GradPenalty(model, weight=4 * LAMBDA, activation=4 * LAMBDA)
+            if GRAPH
+            else L1GradPenalty(model, weight=LAMBDA, activation=LAMBDA, every=4)
+        ),
         "worst_case": lambda: L1GradPenalty(model, weight=LAMBDA, activation=LAMBDA, method="worst-case"),
     }[mode]()
     steps = 4 if mode == "every4" else 1
-    if GRAPH and mode == "every4":
-        # L1GradPenalty(every=4) picks each step's kind in Python, which a replay cannot: the same steps as
-        # two graphs, 4x the coefficients on one step in 4 and plain steps between (see GraphedStep)
-        penalty = L1GradPenalty(model, weight=4 * LAMBDA, activation=4 * LAMBDA)
 
     def plain_backward(x, y):
         loss_of(x, y).backward()

@@ -127,7 +127,7 @@ class GraphedStep:
 
     @property
     def captured(self) -> bool:
-        """Whether every function's graph has been captured (later calls with the same input shapes replay)."""
+        """Whether every function's graph has been captured (later calls with those input shapes replay)."""
         return all(v.graph is not None for v in self._variants)
 
     def _clear_grads(self) -> None:
@@ -157,7 +157,8 @@ class GraphedStep:
 
     def __call__(self, *inputs: torch.Tensor, variant: int = 0) -> Any:
         global _preparing
-        if isinstance(variant, bool) or not isinstance(variant, int) or not 0 <= variant < len(self._variants):
+        count = len(self._variants)
+        if isinstance(variant, bool) or not isinstance(variant, int) or not 0 <= variant < count:
             raise ValueError(f"variant must be an int in [0, {len(self._variants)}), got {variant!r}")
         if not inputs:
             raise ValueError("GraphedStep needs at least one input tensor")
