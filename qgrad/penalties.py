@@ -867,7 +867,9 @@ class L1GradPenalty(_GradNormPenalty):
         and 27% more where the host is the bottleneck, as on a GPU at batch 128), so it repeats them, and an
         average over steps is an average over the penalized ones. A plain step does not check that the
         recorded activations belong to the loss; the next penalized step does. The counter is not saved with
-        checkpoints: a resumed run starts again at a penalized call.
+        checkpoints: a resumed run starts again at a penalized call. Python picks each call's kind, which a
+        CUDA graph's replay cannot, so ``every > 1`` refuses to be captured; :class:`qgrad.GraphedStep`
+        shows the same steps as two graphs.
 
         ``method="worst-case"``: one extra forward/backward at the worst-case l_inf perturbation of the
         first-order model, instead of a double backward. With ``g`` the gradients at the current point
