@@ -149,7 +149,9 @@ class GraphedStep:
         v.static_inputs = tuple(t.detach().clone() for t in inputs)
         self._clear_grads()
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
+        # thread_local: a DataLoader's pin-memory thread allocating pinned memory during the capture would
+        # invalidate it in the default "global" mode; what this thread runs is restricted as before
+        with torch.cuda.graph(graph, capture_error_mode="thread_local"):
             v.outputs = v.fn(*v.static_inputs)
         v.grads = [(p, p.grad) for p in self._params if p.grad is not None]
         v.graph = graph
@@ -159,7 +161,7 @@ class GraphedStep:
         global _preparing
         count = len(self._variants)
         if isinstance(variant, bool) or not isinstance(variant, int) or not 0 <= variant < count:
-            raise ValueError(f"variant must be an int in [0, {len(self._variants)}), got {variant!r}")
+            raise ValueError(f"variant must be an int in [0, {count}), got {variant!r}")
         if not inputs:
             raise ValueError("GraphedStep needs at least one input tensor")
         for i, t in enumerate(inputs):

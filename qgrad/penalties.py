@@ -57,7 +57,7 @@ import numbers
 import sys
 import warnings
 import weakref
-from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import nn
@@ -168,7 +168,7 @@ def _sum(terms: Sequence[torch.Tensor], like: torch.Tensor) -> torch.Tensor:
     return total
 
 
-def _values(stats: Dict[str, torch.Tensor], sync: bool) -> Dict[str, object]:
+def _values(stats: Dict[str, torch.Tensor], sync: bool) -> Dict[str, Union[float, torch.Tensor]]:
     """The statistics as floats (``sync``: one device-to-host transfer for all of them, in the widest dtype
     among them) or as detached 0-d tensors (no transfer, so the host does not wait for the device)."""
     tensors = [t.detach().reshape(()) for t in stats.values()]
@@ -356,7 +356,7 @@ class _Penalty:
         _check_loss(loss)
         return self._terms(loss)[0]
 
-    def backward(self, loss: torch.Tensor, sync: bool = True) -> Dict[str, float]:
+    def backward(self, loss: torch.Tensor, sync: bool = True) -> Dict[str, Union[float, torch.Tensor]]:
         """``(loss + penalty).backward()`` in one call; releases the recorded activations afterwards.
 
         Returns floats ``loss``, ``penalty`` (the weighted total) and the unweighted terms (see the class);
@@ -1097,8 +1097,9 @@ class L1GradPenalty(_GradNormPenalty):
         if self._every > 1 and loss.is_cuda and torch.cuda.is_current_stream_capturing():
             raise RuntimeError(
                 f"L1GradPenalty(every={self._every}) alternates penalized and plain steps, which one CUDA "
-                "graph cannot: its replays would repeat the kind of step that was captured. Capture with "
-                "every=1, or run this penalty without a graph"
+                "graph cannot: its replays would repeat the kind of step that was captured. Capture "
+                "L1GradPenalty with every * the coefficients and every=1, and a plain step, as two graphs "
+                "(see qgrad.GraphedStep)"
             )
         applied = self._calls % self._every == 0
         if applied and self._method == "worst-case" and not callable(closure):
@@ -1136,7 +1137,7 @@ class L1GradPenalty(_GradNormPenalty):
 
     def backward(
         self, loss: torch.Tensor, closure: Optional[Callable[[], torch.Tensor]] = None, sync: bool = True
-    ) -> Dict[str, float]:
+    ) -> Dict[str, Union[float, torch.Tensor]]:
         """``(loss + penalty(loss)).backward()`` in one call (for ``"worst-case"`` without keeping the first
         graph); releases the recorded activations afterwards.
 
@@ -1289,8 +1290,9 @@ class L1GradPenalty(_GradNormPenalty):
         shift = _ActivationShift(shifts) if shifts else None
         rng = self._rng
         # DistributedDataParallel broadcasts the buffers at the start of every forward, in place: in the
-        # second forward that would bump version counters that the first forward's graph may check (torch
-        # 2.11's BatchNorm saves its running statistics), and the buffers are restored below anyway
+        # second forward that bumps version counters which the first forward's graph may check (with torch
+        # 2.11, penalty(loss, closure) then failed "modified by an inplace operation"), and the buffers are
+        # restored below anyway
         broadcast = getattr(self.model, "broadcast_buffers", None)
         if isinstance(self.model, nn.parallel.DistributedDataParallel):
             self.model.broadcast_buffers = False
