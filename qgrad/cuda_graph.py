@@ -7,8 +7,10 @@ H100 at batch 128: 25 ms of kernels in a 49 ms exact step). A CUDA graph records
 and replays them with a single launch, so a replayed step costs its kernels only.
 
 How: the first ``warmup`` calls run ``fn`` as usual (on a side stream, so that lazy initialization such as
-cuDNN's algorithm search stays out of the graph). The next call captures ``fn`` on copies of its inputs
-("static" inputs), then replays the graph; every later call copies its inputs into the static ones and
+cuDNN's algorithm search stays out of the graph; qgrad's kernels launch there as they will in the graph, so
+that the capture compiles nothing). The next call captures ``fn`` on copies of its inputs ("static"
+inputs; in ``thread_local`` mode, so that other threads, e.g. a DataLoader pinning memory, may go on using
+CUDA meanwhile), then replays the graph; every later call copies its inputs into the static ones and
 replays. What ``fn`` returns is returned by every call as the same tensors, overwritten by the next call.
 The gradients ``fn``'s backward writes are allocated by the capture and overwritten in place by every replay;
 after each call ``p.grad`` is (again) that tensor for every parameter ``p`` the step differentiates, so the
