@@ -18,7 +18,9 @@ Modes (``lambda_w = lambda_y = 0.05``, BatchNorm in training mode):
 With ``QGRAD_BENCH_GRAPH=1`` (CUDA only) the forward and backward of every mode, the plain step's too, run
 as a replayed CUDA graph (:class:`qgrad.cuda_graph.GraphedStep`; the optimizer step stays eager), which
 removes the host's cost of launching each kernel; ``every4`` then runs as two graphs, a penalized step with
-4x the coefficients and three plain ones (what ``qgrad train --cuda-graph --every 4`` does).
+4x the coefficients and three plain ones (what ``qgrad train --cuda-graph --every 4`` does), and its
+``extra_info`` adds the time of each kind of step alone (``every4_penalized_step_s``,
+``every4_plain_step_s``).
 
 Sizes: on a CPU width 0.25, batch 32 (float32); with CUDA full width, batch 128, float32 and bfloat16
 autocast. On a CPU the timing process keeps freed memory (:func:`qgrad.malloc.keep_freed_memory`, what the
@@ -176,6 +178,18 @@ def _setup(name, mode, dtype):
             opt.step()
         _sync()
 
+    if GRAPH and mode == "every4":
+        # each kind of step on its own, to tell what the mean of the two graphs is made of
+        def one_kind(variant):
+            def call():
+                opt.zero_grad(set_to_none=True)
+                graphs(x, y, variant=variant)
+                opt.step()
+                _sync()
+
+            return call
+
+        step.kinds = {"penalized": one_kind(0), "plain": one_kind(1)}
     return step, steps
 
 
@@ -215,6 +229,8 @@ def test_penalty_step(benchmark, name, mode, dtype):
         torch.cuda.reset_peak_memory_stats()
     benchmark.pedantic(step, rounds=ROUNDS, warmup_rounds=WARMUP)
     extra = {}
+    for kind, call in getattr(step, "kinds", {}).items():
+        extra[f"every4_{kind}_step_s"] = statistics.median(wall_times(call, ROUNDS, warmup=1))
     # a graph's memory is reserved at its capture and reused by every replay: the peak of an eager step is
     # the measure of what a step needs
     if CUDA and not GRAPH:

@@ -735,8 +735,8 @@ def _run(config, resume, stop_after, init_state, processes, device, progress) ->
         raise ValueError(f"cuda_graph replays CUDA graphs and needs a CUDA device; this run is on {device}")
     if config.cuda_graph and processes.distributed:
         raise ValueError(
-            "cuda_graph is not supported with several processes (DistributedDataParallel's gradient hooks "
-            "are not captured); train without it, or in one process"
+            "cuda_graph is not supported with several processes (DistributedDataParallel under CUDA graph "
+            "capture is untried); train without it, or in one process"
         )
     data = qdata.load(config.dataset, root=config.data_root, image_size=config.image_size)
     cfg = _resolve(config, data)
