@@ -760,6 +760,8 @@ def _run(config, resume, stop_after, init_state, processes, device, progress) ->
             cfg.dataset, data.num_train, data.num_test, data.num_classes,
         )
         _warn_if_model_misfits(cfg.model, data)
+        if cfg.cuda_graph:
+            logger.info("training steps run as CUDA graphs, each captured after a few eager steps")
     layout = torch.channels_last if cfg.channels_last else torch.contiguous_format
     model.to(device=device, memory_format=layout)
 
