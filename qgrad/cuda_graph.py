@@ -153,8 +153,16 @@ class GraphedStep:
         graph = torch.cuda.CUDAGraph()
         # thread_local: a DataLoader's pin-memory thread allocating pinned memory during the capture would
         # invalidate it in the default "global" mode; what this thread runs is restricted as before
-        with torch.cuda.graph(graph, capture_error_mode="thread_local"):
-            v.outputs = v.fn(*v.static_inputs)
+        try:
+            with torch.cuda.graph(graph, capture_error_mode="thread_local"):
+                v.outputs = v.fn(*v.static_inputs)
+        except Exception as exc:
+            self._clear_grads()  # gradients of a failed capture hold nothing
+            raise RuntimeError(
+                f"capturing the step as a CUDA graph failed ({type(exc).__name__}: {exc}). The step must "
+                "launch the same kernels at every call, without host synchronizations (.item(), .tolist(), "
+                "printing a tensor) or copies of CPU tensors to the GPU; see qgrad.cuda_graph"
+            ) from exc
         v.grads = [(p, p.grad) for p in self._params if p.grad is not None]
         v.graph = graph
         v.signature = _signature(inputs)
