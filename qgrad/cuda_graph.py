@@ -38,8 +38,8 @@ import torch
 __all__ = ["GraphedStep", "graph_safe_launches"]
 
 # GraphedStep calls in their warm-up or capture: kernels then launch as they will inside the graph, so that
-# the capture finds every kernel already compiled (Triton compiles a kernel at its first launch for each
-# specialization, which a capture cannot record)
+# the capture finds every kernel already compiled (Triton compiles and loads a kernel at its first launch for
+# each specialization; a capture during which that happened failed on an H100)
 _preparing = 0
 
 
