@@ -1293,9 +1293,9 @@ class L1GradPenalty(_GradNormPenalty):
         # second forward that bumps version counters which the first forward's graph may check (with torch
         # 2.11, penalty(loss, closure) then failed "modified by an inplace operation"), and the buffers are
         # restored below anyway
-        broadcast = getattr(self.model, "broadcast_buffers", None)
-        if isinstance(self.model, nn.parallel.DistributedDataParallel):
-            self.model.broadcast_buffers = False
+        ddp = self.model if isinstance(self.model, nn.parallel.DistributedDataParallel) else None
+        if ddp is not None:
+            broadcast, ddp.broadcast_buffers = ddp.broadcast_buffers, False
         try:
             # .data: the move and the restore must not bump the weights' version counters, so that a graph
             # that saved them (the first forward's, kept by penalty(loss, closure)) stays usable; the restore
@@ -1331,8 +1331,8 @@ class L1GradPenalty(_GradNormPenalty):
             g2 = torch.autograd.grad(loss2, targets, allow_unused=True)
         finally:
             self._second_forward = None
-            if isinstance(self.model, nn.parallel.DistributedDataParallel):
-                self.model.broadcast_buffers = broadcast
+            if ddp is not None:
+                ddp.broadcast_buffers = broadcast
             with torch.no_grad():
                 _copy_all(moved, saved)
                 # every buffer is put back: BatchNorm's kernel updates the running statistics without bumping
