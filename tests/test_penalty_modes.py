@@ -390,6 +390,59 @@ def test_a_twin_running_torchs_functional_still_gives_the_exact_penalty_gradient
     assert rel_err(flat(results[0]), flat(results[1])) <= 1e-12
 
 
+@pytest.mark.parametrize("method", ["exact", "worst-case"])
+def test_every_k_state_dict_resumes_the_cycle_where_it_stopped(method):
+    # 7 calls of one penalty == 4 calls, then a new penalty (a resumed run) that loads the first one's state
+    k = 3
+    model, x, y = make_small("train_affine_functional")
+    model, x = model.double(), x.double()
+    batches = [(x + 0.3 * i, y.roll(i)) for i in range(7)]
+
+    def run(penalty, calls):
+        out = []
+        for xb, yb in calls:
+            penalty.model.zero_grad(set_to_none=True)
+
+            def loss_fn(xb=xb, yb=yb):
+                return F.cross_entropy(penalty.model(xb), yb)
+
+            stats = penalty.backward(loss_fn(), loss_fn)
+            out.append((stats, [p.grad.clone() for p in penalty.model.parameters()]))
+        return out
+
+    whole = run(L1GradPenalty(copy.deepcopy(model), 0.2, 0.5, every=k, method=method), batches)
+    first = L1GradPenalty(copy.deepcopy(model), 0.2, 0.5, every=k, method=method)
+    head = run(first, batches[:4])
+    state = first.state_dict()
+    assert state["calls"] == 4 and set(state["last_stats"]) == {"penalty", "weight_l1", "activation_l1"}
+    assert all(v.device.type == "cpu" and v.dim() == 0 for v in state["last_stats"].values())
+    first.remove()
+    resumed = L1GradPenalty(first.model, 0.2, 0.5, every=k, method=method)
+    resumed.load_state_dict(state)
+    tail = run(resumed, batches[4:])
+    for call, ((stats, grads), (stats_ref, grads_ref)) in enumerate(zip(head + tail, whole)):
+        assert stats == stats_ref, call
+        assert all(torch.equal(a, b) for a, b in zip(grads, grads_ref)), call
+    # a fresh penalty starts at a penalized call
+    assert L1GradPenalty(model, every=k).state_dict() == {"calls": 0, "last_stats": {}}
+
+
+def test_penalty_state_errors():
+    model, _, _ = make_small("train_affine_functional")
+    penalty = L1GradPenalty(model, every=2)
+    bad = [
+        {"calls": 1},
+        {"calls": -1, "last_stats": {}},
+        {"calls": 1.0, "last_stats": {}},
+        {"calls": 1, "last_stats": {"penalty": torch.zeros(2)}},
+        [1, {}],
+    ]
+    for state in bad:
+        with pytest.raises(ValueError, match="penalty state"):
+            penalty.load_state_dict(state)
+    assert penalty.state_dict()["calls"] == 0
+
+
 def test_every_argument_errors():
     model, _, _ = make_small("train_affine_functional")
     for bad in (0, -2, 1.5, True, "2"):
