@@ -355,6 +355,26 @@ def test_loader_determinism_and_epochs():
     assert torch.equal(collect(c)[0], collect(d)[0])
 
 
+@pytest.mark.parametrize("rank, world_size", [(0, 1), (1, 2)])
+def test_set_epoch_from_a_batch_yields_the_rest_of_that_epoch(rank, world_size):
+    x, y = make_data(n=50)
+    kwargs = dict(batch_size=8, shuffle=True, crop_padding=1, flip=True, seed=5, drop_last=True)
+    loader = DeviceLoader(x, y, rank=rank, world_size=world_size, **kwargs)
+    epochs = [[(xb.clone(), yb.clone()) for xb, yb in loader] for _ in range(2)]
+    assert len(epochs[0]) == len(loader) == 6
+    for first in (0, 1, 5, 6):
+        loader.set_epoch(0, first_batch=first)
+        rest = [(xb.clone(), yb.clone()) for xb, yb in loader]
+        assert len(rest) == 6 - first
+        assert all(torch.equal(a, c) and torch.equal(b, d) for (a, b), (c, d) in zip(rest, epochs[0][first:]))
+        # the next epoch is whole
+        following = list(loader)
+        assert len(following) == 6 and torch.equal(following[0][0], epochs[1][0][0])
+    for bad in (-1, 7, 1.0, True):
+        with pytest.raises(ValueError, match="first_batch must be an int in"):
+            loader.set_epoch(1, first_batch=bad)
+
+
 def test_loader_draws_do_not_depend_on_batch_size():
     x, y = make_data(n=50)
     kwargs = dict(shuffle=True, crop_padding=2, flip=True, seed=3)

@@ -252,6 +252,8 @@ def test_augmented_epochs_are_reproducible_and_independent_of_workers(tree):
     assert not same(second, first)
     again.set_epoch(1)
     assert same(collect(again), second)
+    again.set_epoch(1, first_batch=1)  # the rest of epoch 1 after its first batch
+    assert same(collect(again), second[1:])
     assert not same(collect(ds.loader("train", 3, workers=0, **{**kwargs, "seed": 4})), first)
     # a sample's view does not depend on the batch it lands in: its draws come from (seed, epoch, index)
     one = torch.cat([x for x, _ in collect(ds.loader("train", 7, workers=0, **kwargs))])

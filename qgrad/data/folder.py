@@ -347,10 +347,10 @@ class FolderLoader(EpochLoader):
         return len(self.samples)
 
     def __iter__(self) -> Iterator[Tuple[Tensor, Tensor]]:
-        epoch = self._start_epoch()
+        epoch, first = self._start_epoch()
         n = self.num_samples
         order = torch.randperm(n, generator=epoch_generator(self.seed, epoch)) if self.shuffle else None
-        spans = batch_spans(n, self.batch_size, self.drop_last, self.rank, self.world_size)
+        spans = list(batch_spans(n, self.batch_size, self.drop_last, self.rank, self.world_size))[first:]
         batches = [
             list(range(start, stop)) if order is None else order[start:stop].tolist() for start, stop in spans
         ]

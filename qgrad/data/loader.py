@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 import numbers
 from typing import Iterator, Optional, Tuple, Union
@@ -112,22 +113,29 @@ class EpochLoader:
     batch_size: int
     drop_last: bool
     _next_epoch: int = 0
+    _first_batch: int = 0
 
     @property
     def num_samples(self) -> int:
         raise NotImplementedError
 
     def __len__(self) -> int:
+        """Batches of a whole epoch (one started at ``first_batch`` yields the last ``len - first_batch``)."""
         return num_batches(self.num_samples, self.batch_size, self.drop_last)
 
-    def set_epoch(self, epoch: int) -> None:
-        """Make the next ``iter()`` run epoch ``epoch`` (int >= 0); later ones continue from there."""
-        self._next_epoch = _check_int("epoch", epoch, 0)
+    def set_epoch(self, epoch: int, first_batch: int = 0) -> None:
+        """Make the next ``iter()`` run epoch ``epoch`` (int >= 0) from its batch ``first_batch`` on (the
+        earlier ones are skipped without being produced: a run resumed in the middle of an epoch gets the
+        batches it had not trained on yet); later epochs continue from there, whole."""
+        epoch = _check_int("epoch", epoch, 0)
+        self._first_batch = _check_int("first_batch", first_batch, 0, len(self) + 1)
+        self._next_epoch = epoch
 
-    def _start_epoch(self) -> int:
-        epoch = self._next_epoch
-        self._next_epoch += 1
-        return epoch
+    def _start_epoch(self) -> Tuple[int, int]:
+        """``(epoch, first_batch)`` of the epoch that starts now."""
+        epoch, first = self._next_epoch, self._first_batch
+        self._next_epoch, self._first_batch = epoch + 1, 0
+        return epoch, first
 
 
 def random_crop_flip(x: Tensor, top: Tensor, left: Tensor, flip: Tensor, padding: int) -> Tensor:
@@ -248,7 +256,7 @@ class DeviceLoader(EpochLoader):
         return self.x.shape[0]
 
     def __iter__(self) -> Iterator[Tuple[Tensor, Tensor]]:
-        epoch = self._start_epoch()
+        epoch, first = self._start_epoch()
         n, p = self.num_samples, self.crop_padding
         gen = epoch_generator(self.seed, epoch)
         order = torch.randperm(n, generator=gen).to(self.device) if self.shuffle else None
@@ -259,11 +267,11 @@ class DeviceLoader(EpochLoader):
             left = torch.randint(0, 2 * p + 1, (n,), generator=gen) if p else zeros
             flips = torch.rand(n, generator=gen) < 0.5 if self.flip else torch.zeros(n, dtype=torch.bool)
             top, left, flips = top.to(self.device), left.to(self.device), flips.to(self.device)
-        return self._batches(order, top, left, flips) if augment else self._batches(order)
+        return self._batches(first, order, top, left, flips) if augment else self._batches(first, order)
 
-    def _batches(self, order, top=None, left=None, flips=None) -> Iterator[Tuple[Tensor, Tensor]]:
+    def _batches(self, first, order, top=None, left=None, flips=None) -> Iterator[Tuple[Tensor, Tensor]]:
         spans = batch_spans(self.num_samples, self.batch_size, self.drop_last, self.rank, self.world_size)
-        for start, stop in spans:
+        for start, stop in itertools.islice(spans, first, None):
             if order is None:
                 xb, yb = self.x[start:stop], self.y[start:stop]
             else:
