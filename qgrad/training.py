@@ -9,12 +9,13 @@ A run directory holds::
     config.json      the resolved TrainConfig
     metrics.jsonl    one JSON object per finished epoch (epoch, lr, train_loss, train_acc, penalty terms,
                      test_loss, test_acc in percent, seconds)
-    checkpoint.pt    everything needed to continue the run bit-exactly (see ``train(..., resume=True)``)
+    checkpoint.pt    everything needed to continue the run bit-exactly (see ``train(..., resume=True)``),
+                     written after every epoch and, with ``checkpoint_every``, inside epochs too
     model.pt         {"model": state_dict, "config": dict}: the latest weights, for ``load_model``/deployment
 
 Both ``.pt`` files contain only tensors and plain Python containers/scalars, so they load with
 ``torch.load(path, weights_only=True)``; they are replaced atomically (temp file, fsync, ``os.replace``), so
-an interrupted run always leaves the last finished epoch on disk.
+an interrupted run always leaves the last finished epoch (or the last checkpoint inside an epoch) on disk.
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ from torch import nn
 
 from qgrad._processes import join
 from qgrad.cuda_graph import GraphedStep
+from qgrad.penalties import L1GradPenalty, check_penalty_state
 
 __all__ = [
     "CheckpointError",
@@ -74,7 +76,7 @@ DEFAULT_LAM = 0.05
 DEFAULT_L1_LAM = {"digits": 0.005}
 # Fields that may differ between a stopped run and the command that resumes it: none of them changes the
 # sequence of parameter updates.
-RESUME_MUTABLE = ("data_root", "device", "out", "eval_every", "workers", "cuda_graph")
+RESUME_MUTABLE = ("data_root", "device", "out", "eval_every", "checkpoint_every", "workers", "cuda_graph")
 
 
 class TrainingError(RuntimeError):
@@ -127,6 +129,11 @@ class TrainConfig:
         seed: seeds the model initialization and the data order/augmentation.
         device: ``"auto"`` (CUDA when available, else CPU), or any ``torch.device`` string.
         eval_every: evaluate on the test split every this many epochs (always after the last one).
+        checkpoint_every: also write ``checkpoint.pt`` inside epochs, after every this many training steps
+            (counted from the start of the run), so that a crash loses at most that many steps of a long
+            epoch; ``resume`` continues from the next batch and gives the same run as an uninterrupted one.
+            ``None``: at the end of each epoch only. ``model.pt`` and ``metrics.jsonl`` are written at the
+            end of each epoch either way.
         channels_last: keep the weights and the input batches of image models in channels-last memory layout
             (NHWC), usually the faster one for convolutions on CPUs and GPUs, penalized steps included; results
             differ from the default layout by float rounding only.
@@ -159,6 +166,7 @@ class TrainConfig:
     seed: int = 0
     device: str = "auto"
     eval_every: int = 1
+    checkpoint_every: Optional[int] = None
     channels_last: bool = False
     cuda_graph: bool = False
     num_classes: Optional[int] = None
@@ -184,6 +192,9 @@ def _check_config(cfg: TrainConfig) -> None:
 
     for name in ("epochs", "batch_size", "eval_every"):
         positive_int(name)
+    every = cfg.checkpoint_every
+    if every is not None and (isinstance(every, bool) or not isinstance(every, int) or every < 1):
+        raise ValueError(f"checkpoint_every must be a positive int or None, got {every!r}")
     if cfg.image_size is not None and (
         isinstance(cfg.image_size, bool) or not isinstance(cfg.image_size, int) or cfg.image_size < 8
     ):
@@ -410,7 +421,7 @@ def _append_metrics(path: Path, row: dict) -> None:
 
 
 def _make_penalty(model: nn.Module, cfg: TrainConfig):
-    from qgrad.penalties import L1GradPenalty, L2GradPenalty, OrthogonalityPenalty
+    from qgrad.penalties import L2GradPenalty, OrthogonalityPenalty
 
     if cfg.penalty == "l1":
         every, lam = cfg.every, cfg.lam
@@ -565,6 +576,7 @@ class _EveryKGraphs:
         self._every = every
         self._calls = 0
         self._last: Dict[str, torch.Tensor] = {}
+        self._device = next(model.parameters()).device
 
     def __call__(self, x: torch.Tensor, y: torch.Tensor) -> Dict[str, torch.Tensor]:
         applied = self._calls % self._every == 0
@@ -579,6 +591,26 @@ class _EveryKGraphs:
         stats["penalty_scale"] = stats["loss"].new_full((), float(self._every) if applied else 0.0)
         return stats
 
+    def state_dict(self) -> Dict[str, Any]:
+        """The position in the cycle of ``k`` steps, as :meth:`qgrad.L1GradPenalty.state_dict` gives it."""
+        return {"calls": self._calls, "last_stats": {k: v.cpu() for k, v in self._last.items()}}
+
+    def load_state_dict(self, state: Dict[str, Any]) -> None:
+        self._calls, last = check_penalty_state(state)
+        self._last = {k: v.to(self._device) for k, v in last.items()}
+
+
+def _every_k_cycle(penalty, step):
+    """What counts the steps of the l1 penalty's ``every``-step cycle (the graphed step, else the penalty),
+    with ``state_dict``/``load_state_dict``; ``None`` without an l1 penalty."""
+    owner = step if isinstance(step, _EveryKGraphs) else penalty
+    return owner if isinstance(owner, (L1GradPenalty, _EveryKGraphs)) else None
+
+
+def _penalty_state(penalty, step) -> Optional[Dict[str, Any]]:
+    cycle = _every_k_cycle(penalty, step)
+    return None if cycle is None else cycle.state_dict()
+
 
 def _make_step(net: nn.Module, model: nn.Module, penalty, cfg: TrainConfig):
     """The training step for ``cfg``: :func:`_step_fn`, replayed as CUDA graphs with ``cfg.cuda_graph``."""
@@ -589,10 +621,33 @@ def _make_step(net: nn.Module, model: nn.Module, penalty, cfg: TrainConfig):
     return GraphedStep(_step_fn(net, penalty), model.parameters())
 
 
-def _train_epoch(model, loader, optimizer, scheduler, step, device, desc, progress, processes) -> dict:
+def _totals(loss_sum, correct, count, terms, processes, device) -> Dict[str, Any]:
+    """The statistics of the steps so far, over all processes: sums of the loss (times the batch size),
+    correct predictions and samples, and per penalty statistic the sum over steps of its mean over the
+    processes (every process takes the same steps, on equal parts of each batch)."""
+    names = sorted(terms)
+    loss_total, correct_total, count_total, *term_totals = processes.sum(
+        [float(loss_sum), float(correct), float(count)] + [float(terms[k]) for k in names], device
+    )
+    return {
+        "loss_sum": loss_total,
+        "correct": int(correct_total),
+        "count": int(count_total),
+        "terms": {k: v / processes.world_size for k, v in zip(names, term_totals)},
+    }
+
+
+def _train_epoch(
+    model, loader, optimizer, scheduler, step, device, desc, progress, processes, start=None, checkpoint=None
+) -> dict:
     """One pass over ``loader``, ``step(x, y)`` (:func:`_step_fn`, possibly as a
     :class:`qgrad.cuda_graph.GraphedStep`) then the optimizer on every batch; the scheduler steps after every
     batch. Returns the epoch's mean statistics (over all processes).
+
+    ``start``: resume the epoch after its batch ``start["batch"]`` (the loader is set to it), with the
+    :func:`_totals` of the batches before it in the other keys. ``checkpoint``: ``(every, save)``; after
+    every ``every``-th step of the run (counted by the scheduler) except an epoch's last, every process calls
+    ``save({"batch": batches done in this epoch, **totals})``.
 
     Raises TrainingError as soon as a non-finite loss or penalty is seen (checked at every progress update and
     at the end of the epoch, so GPU runs do not synchronize on every step). With several processes each checks
@@ -604,13 +659,26 @@ def _train_epoch(model, loader, optimizer, scheduler, step, device, desc, progre
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)
     correct = torch.zeros((), dtype=torch.int64, device=device)
     terms: Dict[str, torch.Tensor] = {}  # sums of the penalty's statistics, on the device
-    count, steps = 0, 0
+    count, first = 0, 0
+    if start is not None:
+        first = start["batch"]
+        if processes.main:  # the main process carries the totals of the batches before `first`
+            loss_sum += start["loss_sum"]
+            correct += start["correct"]
+            count = start["count"]
+            # scaled so that the division by the number of processes at the end gives them back
+            terms = {
+                k: torch.tensor(v * processes.world_size, dtype=torch.float64, device=device)
+                for k, v in start["terms"].items()
+            }
+    steps = first
     # iter() starts the loader's next epoch: call it once here. Handed the loader itself, tqdm.auto's class
     # calls iter() in its constructor and again when iterated, so every epoch would train on the next one's
     # order and augmentation.
     batches = iter(loader)
     bar = tqdm(
-        batches, total=len(loader), desc=desc, leave=False, dynamic_ncols=True, disable=None if progress else True
+        batches, total=len(loader), initial=first, desc=desc, leave=False, dynamic_ncols=True,
+        disable=None if progress else True,
     )
     for x, y in bar:
         optimizer.zero_grad(set_to_none=True)
@@ -637,26 +705,27 @@ def _train_epoch(model, loader, optimizer, scheduler, step, device, desc, progre
                 if penalty_mean is not None:
                     post["pen"] = f"{penalty_mean:.4g}"
                 bar.set_postfix(post, refresh=False)
+        if checkpoint is not None and steps < len(loader) and scheduler.last_epoch % checkpoint[0] == 0:
+            totals = _totals(loss_sum, correct, count, terms, processes, device)
+            if not all(math.isfinite(v) for v in [totals["loss_sum"], *totals["terms"].values()]):
+                # a checkpoint never keeps a diverged run
+                raise TrainingError(f"{desc}: the training loss or penalty became non-finite by step {steps}")
+            checkpoint[1]({"batch": steps, **totals})
     bar.close()
-    if count == 0:
+    if steps == first:
         raise TrainingError("the training loader produced no batches")
-    # every process ran the same number of steps on equal parts of each batch: the sums over the processes
-    # give the statistics of the whole batches; the penalty terms are averaged over the processes
-    names = sorted(terms)
-    loss_total, correct_total, count_total, *term_totals = processes.sum(
-        [float(loss_sum), float(correct), float(count)] + [float(terms[k]) for k in names], device
-    )
-    mean = loss_total / count_total
+    totals = _totals(loss_sum, correct, count, terms, processes, device)
+    mean = totals["loss_sum"] / totals["count"]
     if not math.isfinite(mean):
         raise TrainingError(f"{desc}: the training loss became non-finite")
     row = {
         "train_loss": mean,
-        "train_acc": 100.0 * correct_total / count_total,
+        "train_acc": 100.0 * totals["correct"] / totals["count"],
         "penalty": None,
         "penalty_terms": {},
     }
-    if names:
-        terms = {k: v / processes.world_size for k, v in zip(names, term_totals)}
+    if totals["terms"]:
+        terms = dict(totals["terms"])
         total = terms.pop("penalty", None)
         row["penalty"] = None if total is None else total / steps
         row["penalty_terms"] = {k: v / steps for k, v in terms.items()}
@@ -672,9 +741,12 @@ def train(
         config: the run's settings; ``config.out`` is the run directory (created if needed).
         progress: show a tqdm bar over the batches of each epoch (only on a terminal) with loss and penalty.
         resume: continue the stopped run in ``config.out`` from its ``checkpoint.pt``: model, optimizer,
-            scheduler, epoch, and RNG states are restored and the loader is put at the same epoch, so a run
-            stopped and resumed produces the same parameters as an uninterrupted one (bit-identical on CPU).
-            The settings must equal the stored ones except ``data_root``, ``device``, ``out``, ``eval_every``.
+            scheduler, epoch, the l1 penalty's ``every``-step cycle and RNG states are restored and the loader
+            is put at the same epoch (and batch, for a checkpoint written inside an epoch, see
+            ``checkpoint_every``), so a run stopped and resumed produces the same parameters and metrics as
+            an uninterrupted one (bit-identical on CPU). The settings must equal the stored ones except
+            those in ``RESUME_MUTABLE`` (``data_root``, ``device``, ``out``, ``eval_every``,
+            ``checkpoint_every``, ``workers``, ``cuda_graph``).
         stop_after: stop after this many epochs of *this call* (the schedule still spans ``config.epochs``);
             continue later with ``resume=True``. ``None`` runs to the end.
 
@@ -795,12 +867,15 @@ def _run(config, resume, stop_after, init_state, processes, device, progress) ->
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=cfg.epochs * steps_per_epoch)
 
     start_epoch, best, last = 0, None, None
+    within, penalty_state = None, None  # a resumed epoch's start, the penalty's every-k position
     metrics_path = run_dir / METRICS_FILE
     if state is not None:
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         start_epoch = int(state["epoch"])
+        within = _checkpoint_within_epoch(state, steps_per_epoch, ckpt_path)
+        penalty_state = state.get("penalty")
         best, last = state.get("best"), state.get("last")
         rng = state.get("rng", {})
         if "torch" in rng:
@@ -821,6 +896,10 @@ def _run(config, resume, stop_after, init_state, processes, device, progress) ->
         if main:
             logger.info("%s: all %d epochs are already done", run_dir, cfg.epochs)
         return {**(last or {}), **_summary(best, start_epoch, cfg, run_dir)}
+    if main and within is not None:
+        logger.info(
+            "resuming epoch %d at batch %d of %d", start_epoch + 1, within["batch"] + 1, steps_per_epoch
+        )
     # the module that trains: with several processes, DistributedDataParallel around the model (the files hold
     # the model's own state_dict, without the wrapper's "module." prefix)
     net = model
@@ -846,9 +925,20 @@ def _run(config, resume, stop_after, init_state, processes, device, progress) ->
                     logger.info("epoch %d: %s penalty on (lambda %g)", epoch + 1, cfg.penalty, cfg.lam)
             if step is None:
                 step = _make_step(net, model, penalty, cfg)
-            train_loader.set_epoch(epoch)
+            if penalty_state is not None and _every_k_cycle(penalty, step) is not None:
+                _every_k_cycle(penalty, step).load_state_dict(penalty_state)
+                penalty_state = None
+            start, within = within, None
+            train_loader.set_epoch(epoch, first_batch=0 if start is None else start["batch"])
+
+            lr = optimizer.param_groups[0]["lr"] if start is None else start["lr"]  # the epoch's first
+
+            def save_within(partial, epoch=epoch, lr=lr):
+                if main:
+                    _save_checkpoint(run_dir, model, optimizer, scheduler, epoch, cfg, best, last, device,
+                                     _penalty_state(penalty, step), {**partial, "lr": lr})
+
             t0 = time.perf_counter()
-            lr = optimizer.param_groups[0]["lr"]
             row = {"epoch": epoch + 1, "lr": lr}
             row.update(
                 _train_epoch(
@@ -861,6 +951,8 @@ def _run(config, resume, stop_after, init_state, processes, device, progress) ->
                     f"epoch {epoch + 1}/{cfg.epochs}",
                     progress and main,
                     processes,
+                    start,
+                    None if cfg.checkpoint_every is None else (cfg.checkpoint_every, save_within),
                 )
             )
             row["test_loss"], row["test_acc"] = None, None
@@ -877,7 +969,8 @@ def _run(config, resume, stop_after, init_state, processes, device, progress) ->
             if main:
                 # metrics first, checkpoint second: a crash in between leaves an extra line that resume drops.
                 _append_metrics(metrics_path, row)
-                _save_checkpoint(run_dir, model, optimizer, scheduler, epoch + 1, cfg, best, last, device)
+                _save_checkpoint(run_dir, model, optimizer, scheduler, epoch + 1, cfg, best, last, device,
+                                 _penalty_state(penalty, step))
                 logger.info("%s", _fmt_epoch(row, cfg.epochs))
     finally:
         if penalty is not None:
@@ -894,25 +987,55 @@ def _summary(best, epoch, cfg, run_dir) -> dict:
     }
 
 
-def _save_checkpoint(run_dir, model, optimizer, scheduler, epoch, cfg, best, last, device) -> None:
+def _save_checkpoint(
+    run_dir, model, optimizer, scheduler, epoch, cfg, best, last, device, penalty_state, within=None
+) -> None:
+    """Write ``checkpoint.pt`` after ``epoch`` finished epochs and, ``within`` an epoch, the next one's
+    batches done, first learning rate and :func:`_totals` so far; at the end of an epoch (``within`` None)
+    ``model.pt`` too."""
     rng = {"torch": torch.get_rng_state()}
     if device.type == "cuda":
         rng["cuda"] = torch.cuda.get_rng_state_all()
     config = cfg.to_dict()
     model_state = model.state_dict()
-    _save_torch(
-        {
-            "format": "qgrad.checkpoint",
-            "version": 1,
-            "model": model_state,
-            "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(),
-            "epoch": epoch,
-            "rng": rng,
-            "config": config,
-            "best": best,
-            "last": last,
-        },
-        run_dir / CHECKPOINT,
-    )
-    _save_torch({"model": model_state, "config": config}, run_dir / MODEL_FILE)
+    state = {
+        "format": "qgrad.checkpoint",
+        "version": 1,
+        "model": model_state,
+        "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict(),
+        "epoch": epoch,
+        "rng": rng,
+        "config": config,
+        "best": best,
+        "last": last,
+    }
+    if penalty_state is not None:
+        state["penalty"] = penalty_state
+    if within is not None:
+        state["within_epoch"] = within
+    _save_torch(state, run_dir / CHECKPOINT)
+    if within is None:
+        _save_torch({"model": model_state, "config": config}, run_dir / MODEL_FILE)
+
+
+def _checkpoint_within_epoch(state: Dict[str, Any], steps_per_epoch: int, path: Path) -> Optional[dict]:
+    """The ``within_epoch`` entry of a training checkpoint, checked against this run (None at an epoch's
+    end)."""
+    within = state.get("within_epoch")
+    if within is None:
+        return None
+    keys = {"batch", "lr", "loss_sum", "correct", "count", "terms"}
+    batch = within.get("batch") if isinstance(within, dict) else None
+    if (
+        not isinstance(within, dict)
+        or set(within) != keys
+        or isinstance(batch, bool)
+        or not isinstance(batch, int)
+        or not 0 < batch < steps_per_epoch
+    ):
+        raise CheckpointError(
+            f"{path} holds a checkpoint inside an epoch that does not fit this run (an epoch has "
+            f"{steps_per_epoch} batches); it was not written by qgrad train for these settings"
+        )
+    return within

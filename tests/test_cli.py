@@ -105,6 +105,24 @@ def test_cuda_graph_without_cuda_is_refused_in_one_line(tmp_path, capsys):
     assert not (tmp_path / "run").exists()
 
 
+def test_checkpoint_every_writes_checkpoints_inside_epochs(tmp_path, capsys, monkeypatch):
+    saved = []
+    real = qgrad.training._save_checkpoint
+
+    def recording(*args):
+        saved.append(None if len(args) < 11 else args[10]["batch"])
+        real(*args)
+
+    monkeypatch.setattr(qgrad.training, "_save_checkpoint", recording)
+    out = tmp_path / "run"
+    assert main(["train", *TINY, "--epochs", "1", "--checkpoint-every", "4", "--out", str(out)]) == 0
+    assert saved == [4, 8, None]  # 11 batches: after the 4th and the 8th, then the epoch's end
+    assert json.loads((out / "config.json").read_text())["checkpoint_every"] == 4
+    bad = ["train", *TINY, "--epochs", "1", "--checkpoint-every", "0", "--out", str(tmp_path / "bad")]
+    assert main(bad) == 1
+    assert "checkpoint_every must be a positive int or None, got 0" in capsys.readouterr().err
+
+
 def test_resume_with_a_changed_setting_is_refused(run_dir, capsys):
     assert main(["train", "--out", str(run_dir), "--resume", "--lr", "0.2", "--no-progress"]) == 1
     assert "lr: stored 0.05, now 0.2" in capsys.readouterr().err

@@ -135,8 +135,10 @@ def test_trainer_every_k_as_two_graphs_takes_the_steps_and_statistics_of_every_k
     twin = copy.deepcopy(model)
     x, y = torch.randn(6, 1, 16, 16, dtype=torch.float64), torch.randint(0, 10, (6,))
     cfg = TrainConfig(penalty="l1", lam=0.02, every=3, method=method, cuda_graph=True, out="unused")
-    eager = _step_fn(model, _make_penalty(model, dataclasses.replace(cfg, cuda_graph=False)))
-    graphs = _make_step(twin, twin, _make_penalty(twin, cfg), cfg)
+    eager_penalty = _make_penalty(model, dataclasses.replace(cfg, cuda_graph=False))
+    eager = _step_fn(model, eager_penalty)
+    graph_penalty = _make_penalty(twin, cfg)
+    graphs = _make_step(twin, twin, graph_penalty, cfg)
     for i in range(5):
         model.zero_grad(set_to_none=True)
         expected = eager(x, y)
@@ -148,6 +150,23 @@ def test_trainer_every_k_as_two_graphs_takes_the_steps_and_statistics_of_every_k
             )
         for (name, p), q in zip(model.named_parameters(), twin.parameters()):
             torch.testing.assert_close(q.grad, p.grad, rtol=1e-9, atol=1e-12, msg=f"step {i}: {name}")
+
+    # the position in the cycle carries over between the two (a run resumed with or without --cuda-graph)
+    eager_state = eager_penalty.state_dict()
+    assert graphs.state_dict()["calls"] == eager_state["calls"] == 5
+    last = graphs.state_dict()["last_stats"]
+    torch.testing.assert_close(last, eager_state["last_stats"], rtol=1e-9, atol=0.0)
+    graph_penalty.remove()
+    resumed = _make_step(twin, twin, _make_penalty(twin, cfg), cfg)
+    resumed.load_state_dict(eager_state)
+    for i in range(5, 7):  # call 5 is plain, 6 penalized
+        model.zero_grad(set_to_none=True)
+        expected, got = eager(x, y), resumed(x, y)
+        assert got["penalty_scale"].item() == expected["penalty_scale"].item() == (3.0 if i == 6 else 0.0)
+        for k, v in expected.items():
+            torch.testing.assert_close(
+                got[k].double(), v.double(), rtol=1e-9, atol=1e-12, msg=f"step {i}: {k}"
+            )
 
 
 # ------------------------------------------------------------------------------------------ GPU

@@ -96,8 +96,8 @@ def test_distributed_data_parallel_averages_the_penalized_gradients_and_sync_bat
 
 def test_torchrun_trains_data_parallel_and_a_single_process_resumes(tmp_path):
     """``torchrun -m qgrad train`` with two CPU processes: one process reports, the run directory is written
-    once per epoch, and a single process resumes the run (the global batches do not depend on the number of
-    processes)."""
+    once per epoch (and checkpoint.pt inside it), and a single process resumes the run (the global batches
+    do not depend on the number of processes)."""
     repo = Path(__file__).resolve().parents[1]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(repo), os.environ.get("PYTHONPATH", "")])}
     out = tmp_path / "run"
@@ -106,7 +106,8 @@ def test_torchrun_trains_data_parallel_and_a_single_process_resumes(tmp_path):
                "--out", str(out)]
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(WORLD)]
     proc = subprocess.run(
-        [*torchrun, "-m", "qgrad", "train", *options, "--stop-after", "1"],
+        # checkpoints inside the epoch too (22 steps; after the 7th, 14th, 21st): every process takes part
+        [*torchrun, "-m", "qgrad", "train", *options, "--stop-after", "1", "--checkpoint-every", "7"],
         capture_output=True, text=True, env=env, timeout=300,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]

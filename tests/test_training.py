@@ -127,6 +127,96 @@ def test_resume_is_bit_identical_and_drops_stale_metric_lines(runs, tmp_path):
         assert x == y
 
 
+def _same_run(a, b):
+    """Two run directories hold the same parameters, optimizer state and metrics (but the epoch times)."""
+    ca = torch.load(a / "checkpoint.pt", weights_only=True)
+    cb = torch.load(b / "checkpoint.pt", weights_only=True)
+    assert "within_epoch" not in cb
+    for k in ca["model"]:
+        assert torch.equal(ca["model"][k], cb["model"][k]), k
+    for k, state in ca["optimizer"]["state"].items():
+        assert torch.equal(state["momentum_buffer"], cb["optimizer"]["state"][k]["momentum_buffer"])
+    assert ca["scheduler"]["last_epoch"] == cb["scheduler"]["last_epoch"]
+    ra, rb = _metrics(a), _metrics(b)
+    assert len(ra) == len(rb)
+    for x, y in zip(ra, rb):
+        x.pop("seconds"), y.pop("seconds")
+        assert x == y
+
+
+def test_resume_continues_the_every_k_cycle(runs, tmp_path):
+    # 11 steps per epoch and every=2: the second epoch starts on a plain step, also when resumed
+    steps = len(qgrad.data.load("digits").train_y) // TINY["batch_size"]
+    assert steps % 2 == 1
+    cfg = TrainConfig(**TINY, epochs=2, penalty="l1", lam=0.02, every=2, init=str(runs["full"] / "model.pt"))
+    train(dataclasses.replace(cfg, out=str(tmp_path / "full")), progress=False)
+    train(dataclasses.replace(cfg, out=str(tmp_path / "resumed")), progress=False, stop_after=1)
+    state = torch.load(tmp_path / "resumed" / "checkpoint.pt", weights_only=True)["penalty"]
+    assert state["calls"] == steps
+    train(dataclasses.replace(cfg, out=str(tmp_path / "resumed")), progress=False, resume=True)
+    _same_run(tmp_path / "full", tmp_path / "resumed")
+
+
+class Crash(Exception):
+    pass
+
+
+def test_a_crash_inside_an_epoch_resumes_from_the_last_checkpoint_in_it(runs, tmp_path, monkeypatch):
+    steps = len(qgrad.data.load("digits").train_y) // TINY["batch_size"]
+    cfg = TrainConfig(**{**runs["config"].to_dict(), "every": 3, "out": None})
+    train(dataclasses.replace(cfg, out=str(tmp_path / "full")), progress=False)
+
+    run_dir = tmp_path / "crashed"
+    real_step_fn = qgrad.training._step_fn
+    calls = []
+
+    def crashing_step_fn(net, penalty):
+        step = real_step_fn(net, penalty)
+
+        def crashing(x, y):
+            calls.append(1)
+            if len(calls) == steps + 9:  # the 9th batch of epoch 2
+                raise Crash
+            return step(x, y)
+
+        return crashing
+
+    monkeypatch.setattr(qgrad.training, "_step_fn", crashing_step_fn)
+    with pytest.raises(Crash):
+        train(dataclasses.replace(cfg, out=str(run_dir), checkpoint_every=5), progress=False)
+    monkeypatch.undo()
+    # steps 5 and 10 of the run fell in epoch 1, 15 in epoch 2 (its 4th batch); model.pt and metrics.jsonl
+    # are those of epoch 1
+    ckpt = torch.load(run_dir / "checkpoint.pt", weights_only=True)
+    assert ckpt["epoch"] == 1 and ckpt["scheduler"]["last_epoch"] == 15
+    within = ckpt["within_epoch"]
+    assert within["batch"] == 15 - steps and within["count"] == within["batch"] * TINY["batch_size"]
+    assert set(within["terms"]) == {"penalty", "weight_l1", "activation_l1", "penalty_scale"}
+    assert ckpt["penalty"]["calls"] == within["batch"]
+    assert [r["epoch"] for r in _metrics(run_dir)] == [1]
+    assert torch.load(run_dir / "model.pt", weights_only=True)["model"].keys() == ckpt["model"].keys()
+    epoch_1 = torch.load(runs["stopped"] / "model.pt", weights_only=True)["model"]
+    model_file = torch.load(run_dir / "model.pt", weights_only=True)["model"]
+    assert all(torch.equal(model_file[k], epoch_1[k]) for k in epoch_1)
+
+    # resumed without checkpoints inside epochs (a setting a resume may change): the same run
+    result = train(dataclasses.replace(cfg, out=str(run_dir)), progress=False, resume=True)
+    assert result["finished"]
+    _same_run(tmp_path / "full", run_dir)
+
+
+def test_a_checkpoint_inside_an_epoch_that_does_not_fit_the_run_is_refused(runs, tmp_path):
+    run_dir = _copy_stopped(runs, tmp_path)
+    ckpt = torch.load(run_dir / "checkpoint.pt", weights_only=True)
+    steps = len(qgrad.data.load("digits").train_y) // TINY["batch_size"]
+    good = {"batch": 3, "lr": 0.02, "loss_sum": 1.0, "correct": 1, "count": 384, "terms": {}}
+    cfg = TrainConfig(**{**runs["config"].to_dict(), "out": str(run_dir)})
+    for within in ({**good, "batch": steps}, {**good, "batch": 0}, {"batch": 3}, [3]):
+        torch.save({**ckpt, "within_epoch": within}, run_dir / "checkpoint.pt")
+        with pytest.raises(CheckpointError, match="inside an epoch that does not fit"):
+            train(cfg, progress=False, resume=True)
+
+
 def test_a_run_stored_before_a_setting_existed_resumes_with_its_default(runs, tmp_path):
     """A checkpoint written before ``channels_last`` existed lacks it; the run was trained with the default,
     so resuming it with the default is no change of settings."""
@@ -313,6 +403,9 @@ def test_config_validation():
         train(TrainConfig(epochs=0, out="x"))
     with pytest.raises(ValueError, match="every must be a positive int"):
         train(TrainConfig(penalty="l1", every=0, out="x"))
+    for bad in (0, True, 2.0):
+        with pytest.raises(ValueError, match="checkpoint_every must be a positive int or None"):
+            train(TrainConfig(checkpoint_every=bad, out="x"))
     with pytest.raises(ValueError, match="method must be one of"):
         train(TrainConfig(penalty="l1", method="fast", out="x"))
     with pytest.raises(ValueError, match="options of the l1 penalty"):

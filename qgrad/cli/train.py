@@ -75,6 +75,13 @@ _OPTIONS = (
         "auto (CUDA when available), cpu, cuda, cuda:N; under torchrun auto/cuda use the GPU of LOCAL_RANK",
     ),
     ("--eval-every", "eval_every", int, "evaluate on the test split every N epochs (and after the last)"),
+    (
+        "--checkpoint-every",
+        "checkpoint_every",
+        int,
+        "also write checkpoint.pt every N training steps inside epochs, so that a crash loses at most N "
+        "steps (--resume continues from the next batch)",
+    ),
     ("--channels-last", "channels_last", bool, "weights and image batches in channels-last (NHWC) memory layout"),
     (
         "--cuda-graph",
@@ -119,7 +126,10 @@ def add_parser(sub, parents) -> None:
             p.add_argument(flag, dest=field, action="store_true", default=None, help=text)
             continue
         # no "(default: ...)" where the default depends on other options or there is none
-        unshown = ("weight_decay", "lam", "data_root", "init", "bits", "image_size", "workers", "lr")
+        unshown = (
+            "weight_decay", "lam", "data_root", "init", "bits", "image_size", "workers", "lr",
+            "checkpoint_every",
+        )
         shown = "" if field in unshown else f" (default: {default})"
         p.add_argument(flag, dest=field, type=kind, default=None, help=text + shown, **extra)
     p.add_argument("--out", required=True, metavar="RUN_DIR", help="run directory (created if needed)")
