@@ -27,7 +27,9 @@ import logging
 import math
 import os
 import pickle
+import signal
 import tempfile
+import threading
 import time
 import zipfile
 from dataclasses import dataclass
@@ -621,6 +623,64 @@ def _make_step(net: nn.Module, model: nn.Module, penalty, cfg: TrainConfig):
     return GraphedStep(_step_fn(net, penalty), model.parameters())
 
 
+class _StopRequests:
+    """SIGINT and SIGTERM (Ctrl-C, a cluster's notice before it ends a job) while :func:`train` runs: the
+    first one asks the run to stop at the next step boundary with a checkpoint; a second one acts as it
+    would without qgrad (KeyboardInterrupt, termination). Installed only from the main thread (Python delivers
+    signals there); elsewhere the signals keep their handlers."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self):
+        self.signal: Optional[int] = None  # the first signal received
+        self.agreed = False  # every process has seen a request (set by :meth:`agree`)
+        self._previous: Dict[int, Any] = {}
+
+    def install(self) -> None:
+        if threading.current_thread() is threading.main_thread():
+            for sig in self.SIGNALS:
+                self._previous[sig] = signal.signal(sig, self._handle)
+
+    def uninstall(self) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous = {}
+
+    @property
+    def name(self) -> Optional[str]:
+        """The signal that stopped the run: ``"SIGINT"``, ``"SIGTERM"``, ``"signal"`` where only another
+        process received one, ``None`` while no stop was agreed."""
+        if not self.agreed:
+            return None
+        return "signal" if self.signal is None else signal.Signals(self.signal).name
+
+    def _handle(self, signum, frame) -> None:
+        self.signal = signum
+        for sig, handler in self._previous.items():  # the next signal gets the usual treatment
+            signal.signal(sig, handler)
+        logger.warning(
+            "%s received: stopping after this step with a checkpoint (send it again to stop at once)",
+            signal.Signals(signum).name,
+        )
+
+    def agree(self, processes, device) -> bool:
+        """Whether any process has received a signal; with several processes a collective, so every
+        process must call it at the same step."""
+        seen = self.signal is not None
+        if processes.distributed:
+            seen = processes.sum([float(seen)], device)[0] > 0
+        self.agreed = self.agreed or seen
+        return self.agreed
+
+
+class _Interrupted(Exception):
+    """Raised inside an epoch after a stop request, once its checkpoint is written."""
+
+    def __init__(self, batch: int):
+        super().__init__(batch)
+        self.batch = batch
+
+
 def _totals(loss_sum, correct, count, terms, processes, device) -> Dict[str, Any]:
     """The statistics of the steps so far, over all processes: sums of the loss (times the batch size),
     correct predictions and samples, and per penalty statistic the sum over steps of its mean over the
@@ -638,16 +698,20 @@ def _totals(loss_sum, correct, count, terms, processes, device) -> Dict[str, Any
 
 
 def _train_epoch(
-    model, loader, optimizer, scheduler, step, device, desc, progress, processes, start=None, checkpoint=None
+    model, loader, optimizer, scheduler, step, device, desc, progress, processes, start=None, save=None,
+    checkpoint_every=None, stop=None,
 ) -> dict:
     """One pass over ``loader``, ``step(x, y)`` (:func:`_step_fn`, possibly as a
     :class:`qgrad.cuda_graph.GraphedStep`) then the optimizer on every batch; the scheduler steps after every
     batch. Returns the epoch's mean statistics (over all processes).
 
     ``start``: resume the epoch after its batch ``start["batch"]`` (the loader is set to it), with the
-    :func:`_totals` of the batches before it in the other keys. ``checkpoint``: ``(every, save)``; after
-    every ``every``-th step of the run (counted by the scheduler) except an epoch's last, every process calls
-    ``save({"batch": batches done in this epoch, **totals})``.
+    :func:`_totals` of the batches before it in the other keys. ``save``: called on every process as
+    ``save({"batch": batches done in this epoch, **totals})`` after every ``checkpoint_every``-th step of the
+    run (counted by the scheduler) except an epoch's last. ``stop``: a :class:`_StopRequests`, asked after
+    every step (with several processes every 10 steps and at the last, to agree without waiting on each
+    step); when it agrees inside the epoch, ``save`` is called and :class:`_Interrupted` raised; at the
+    epoch's last step the epoch ends as usual.
 
     Raises TrainingError as soon as a non-finite loss or penalty is seen (checked at every progress update and
     at the end of the epoch, so GPU runs do not synchronize on every step). With several processes each checks
@@ -705,12 +769,18 @@ def _train_epoch(
                 if penalty_mean is not None:
                     post["pen"] = f"{penalty_mean:.4g}"
                 bar.set_postfix(post, refresh=False)
-        if checkpoint is not None and steps < len(loader) and scheduler.last_epoch % checkpoint[0] == 0:
+        asked = stop is not None and (not processes.distributed or steps % 10 == 0 or steps == len(loader))
+        stopping = asked and stop.agree(processes, device)
+        due = checkpoint_every is not None and scheduler.last_epoch % checkpoint_every == 0
+        if steps < len(loader) and (due or stopping):
             totals = _totals(loss_sum, correct, count, terms, processes, device)
             if not all(math.isfinite(v) for v in [totals["loss_sum"], *totals["terms"].values()]):
                 # a checkpoint never keeps a diverged run
                 raise TrainingError(f"{desc}: the training loss or penalty became non-finite by step {steps}")
-            checkpoint[1]({"batch": steps, **totals})
+            save({"batch": steps, **totals})
+            if stopping:
+                bar.close()
+                raise _Interrupted(steps)
     bar.close()
     if steps == first:
         raise TrainingError("the training loader produced no batches")
@@ -751,8 +821,15 @@ def train(
             continue later with ``resume=True``. ``None`` runs to the end.
 
     Returns:
-        The last epoch's metrics row (as written to ``metrics.jsonl``) plus ``best_test_acc``, ``best_epoch``,
-        ``finished`` (``epoch == config.epochs``) and ``run_dir``.
+        The last finished epoch's metrics row (as written to ``metrics.jsonl``; none when the run stopped in
+        its first epoch) plus ``best_test_acc``, ``best_epoch``, ``finished`` (all ``config.epochs`` done),
+        ``interrupted`` (see below; ``None`` otherwise) and ``run_dir``.
+
+    SIGINT (Ctrl-C) and SIGTERM (what clusters send before they end or preempt a job) stop the run at the
+    next step boundary (with several processes within 10 steps, all at the same one): it writes
+    ``checkpoint.pt`` as ``checkpoint_every`` would and returns with ``interrupted`` set to the signal's
+    name; ``resume`` continues from the next batch. A second signal acts as usual (KeyboardInterrupt,
+    termination). The handlers are installed only when ``train`` runs in the main thread.
 
     Raises:
         TrainingError: ``config.out`` already holds a checkpoint (and ``resume`` is False), the resumed
@@ -916,6 +993,9 @@ def _run(config, resume, stop_after, init_state, processes, device, progress) ->
         )
     end_epoch = cfg.epochs if stop_after is None else min(cfg.epochs, start_epoch + stop_after)
     penalty, step = None, None
+    done = start_epoch  # finished epochs
+    stop = _StopRequests()
+    stop.install()
     try:
         for epoch in range(start_epoch, end_epoch):
             if cfg.penalty != "none" and epoch >= penalty_start and penalty is None:
@@ -940,21 +1020,31 @@ def _run(config, resume, stop_after, init_state, processes, device, progress) ->
 
             t0 = time.perf_counter()
             row = {"epoch": epoch + 1, "lr": lr}
-            row.update(
-                _train_epoch(
-                    net,
-                    train_loader,
-                    optimizer,
-                    scheduler,
-                    step,
-                    device,
-                    f"epoch {epoch + 1}/{cfg.epochs}",
-                    progress and main,
-                    processes,
-                    start,
-                    None if cfg.checkpoint_every is None else (cfg.checkpoint_every, save_within),
+            try:
+                row.update(
+                    _train_epoch(
+                        net,
+                        train_loader,
+                        optimizer,
+                        scheduler,
+                        step,
+                        device,
+                        f"epoch {epoch + 1}/{cfg.epochs}",
+                        progress and main,
+                        processes,
+                        start,
+                        save_within,
+                        cfg.checkpoint_every,
+                        stop,
+                    )
                 )
-            )
+            except _Interrupted as e:
+                if main:
+                    logger.info(
+                        "%s: stopped in epoch %d/%d after batch %d of %d; checkpoint.pt holds the run so far "
+                        "(continue with resume)", stop.name, epoch + 1, cfg.epochs, e.batch, steps_per_epoch,
+                    )
+                break
             row["test_loss"], row["test_acc"] = None, None
             if (epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.epochs:
                 # the main process's model: its BatchNorm statistics are the ones DistributedDataParallel
@@ -972,17 +1062,26 @@ def _run(config, resume, stop_after, init_state, processes, device, progress) ->
                 _save_checkpoint(run_dir, model, optimizer, scheduler, epoch + 1, cfg, best, last, device,
                                  _penalty_state(penalty, step))
                 logger.info("%s", _fmt_epoch(row, cfg.epochs))
+            done = epoch + 1
+            if stop.agreed:
+                if main and done < cfg.epochs:
+                    logger.info(
+                        "%s: stopped after epoch %d/%d (continue with resume)", stop.name, done, cfg.epochs
+                    )
+                break
     finally:
+        stop.uninstall()
         if penalty is not None:
             penalty.remove()
-    return {**last, **_summary(best, last["epoch"], cfg, run_dir)}
+    return {**(last or {}), **_summary(best, done, cfg, run_dir, stop.name)}
 
 
-def _summary(best, epoch, cfg, run_dir) -> dict:
+def _summary(best, epoch, cfg, run_dir, interrupted=None) -> dict:
     return {
         "best_test_acc": None if best is None else best["test_acc"],
         "best_epoch": None if best is None else best["epoch"],
         "finished": epoch >= cfg.epochs,
+        "interrupted": interrupted,
         "run_dir": str(run_dir),
     }
 

@@ -3,6 +3,7 @@
 import argparse
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -121,6 +122,33 @@ def test_checkpoint_every_writes_checkpoints_inside_epochs(tmp_path, capsys, mon
     bad = ["train", *TINY, "--epochs", "1", "--checkpoint-every", "0", "--out", str(tmp_path / "bad")]
     assert main(bad) == 1
     assert "checkpoint_every must be a positive int or None, got 0" in capsys.readouterr().err
+
+
+def test_sigterm_stops_with_a_checkpoint_and_the_signals_exit_code(tmp_path, capsys, monkeypatch):
+    real_step_fn = qgrad.training._step_fn
+
+    def signalling_step_fn(net, penalty):
+        step = real_step_fn(net, penalty)
+        calls = []
+
+        def signalling(x, y):
+            calls.append(1)
+            if len(calls) == 3:
+                os.kill(os.getpid(), signal.SIGTERM)
+            return step(x, y)
+
+        return signalling
+
+    monkeypatch.setattr(qgrad.training, "_step_fn", signalling_step_fn)
+    out = tmp_path / "run"
+    assert main(["train", *TINY, "--epochs", "2", "--out", str(out)]) == 128 + signal.SIGTERM
+    printed = capsys.readouterr().out
+    assert "stopped by SIGTERM with 0/2 epochs done" in printed
+    assert f"qgrad train --out {out} --resume" in printed
+    assert torch.load(out / "checkpoint.pt", weights_only=True)["within_epoch"]["batch"] == 3
+    monkeypatch.undo()
+    assert main(["train", "--out", str(out), "--resume", "--no-progress"]) == 0
+    assert [r["epoch"] for r in _metrics(out)] == [1, 2]
 
 
 def test_resume_with_a_changed_setting_is_refused(run_dir, capsys):

@@ -90,6 +90,47 @@ def _worker(rank: int, init_file: str) -> None:
         dist.destroy_process_group()
 
 
+def _signal_worker(rank: int, init_file: str, out: str) -> None:
+    """Train in two processes; process 1 alone gets SIGTERM during its 3rd step."""
+    import signal
+
+    import qgrad.training
+    from qgrad.training import TrainConfig, train
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
+    try:
+        real_step_fn, calls = qgrad.training._step_fn, []
+
+        def signalling_step_fn(net, penalty):
+            step = real_step_fn(net, penalty)
+
+            def signalling(x, y):
+                calls.append(1)
+                if rank == 1 and len(calls) == 3:
+                    os.kill(os.getpid(), signal.SIGTERM)
+                return step(x, y)
+
+            return signalling
+
+        qgrad.training._step_fn = signalling_step_fn
+        cfg = TrainConfig(dataset="digits", model="vgg_like", width=0.0625, batch_size=64, device="cpu",
+                          epochs=2, out=out)
+        result = train(cfg, progress=False)
+        # both stop after step 10, where the processes compare notes
+        assert result["interrupted"] == ("SIGTERM" if rank == 1 else "signal"), result
+        assert len(calls) == 10 and not result["finished"]
+    finally:
+        dist.destroy_process_group()
+
+
+def test_a_signal_to_one_process_stops_all_at_the_same_step(tmp_path):
+    out = tmp_path / "run"
+    mp.spawn(_signal_worker, args=(str(tmp_path / "rendezvous"), str(out)), nprocs=WORLD, join=True)
+    ckpt = torch.load(out / "checkpoint.pt", weights_only=True)
+    assert ckpt["epoch"] == 0 and ckpt["within_epoch"]["batch"] == 10
+    assert ckpt["within_epoch"]["count"] == 10 * 64  # the samples of both processes
+
+
 def test_distributed_data_parallel_averages_the_penalized_gradients_and_sync_batchnorm_is_refused(tmp_path):
     mp.spawn(_worker, args=(str(tmp_path / "rendezvous"),), nprocs=WORLD, join=True)
 

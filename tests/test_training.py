@@ -7,6 +7,7 @@ import dataclasses
 import json
 import os
 import shutil
+import signal
 
 import pytest
 import torch
@@ -203,6 +204,64 @@ def test_a_crash_inside_an_epoch_resumes_from_the_last_checkpoint_in_it(runs, tm
     result = train(dataclasses.replace(cfg, out=str(run_dir)), progress=False, resume=True)
     assert result["finished"]
     _same_run(tmp_path / "full", run_dir)
+
+
+def _signalling_step_fn(monkeypatch, at_calls, signum=signal.SIGTERM, times=1):
+    """Make the training steps send ``signum`` (``times`` times) to this process during the calls numbered
+    ``at_calls``."""
+    real_step_fn = qgrad.training._step_fn
+    calls = []
+
+    def signalling_step_fn(net, penalty):
+        step = real_step_fn(net, penalty)
+
+        def signalling(x, y):
+            calls.append(1)
+            if len(calls) in at_calls:
+                for _ in range(times):
+                    os.kill(os.getpid(), signum)
+            return step(x, y)
+
+        return signalling
+
+    monkeypatch.setattr(qgrad.training, "_step_fn", signalling_step_fn)
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_a_signal_stops_the_run_with_a_checkpoint_and_resume_ends_the_same(runs, tmp_path, monkeypatch,
+                                                                             signum):
+    steps = len(qgrad.data.load("digits").train_y) // TINY["batch_size"]
+    cfg = TrainConfig(**{**runs["config"].to_dict(), "every": 3, "out": None})
+    train(dataclasses.replace(cfg, out=str(tmp_path / "full")), progress=False)
+    before = signal.getsignal(signum)
+    _signalling_step_fn(monkeypatch, {steps + 5}, signum)
+    run_dir = tmp_path / "stopped"
+    result = train(dataclasses.replace(cfg, out=str(run_dir)), progress=False)
+    monkeypatch.undo()
+    assert signal.getsignal(signum) is before
+    assert result["interrupted"] == signal.Signals(signum).name and not result["finished"]
+    assert result["epoch"] == 1  # the last finished epoch's row
+    ckpt = torch.load(run_dir / "checkpoint.pt", weights_only=True)
+    assert ckpt["epoch"] == 1 and ckpt["within_epoch"]["batch"] == 5  # the step that got the signal ended
+    assert [r["epoch"] for r in _metrics(run_dir)] == [1]
+    result = train(dataclasses.replace(cfg, out=str(run_dir)), progress=False, resume=True)
+    assert result["finished"] and result["interrupted"] is None
+    _same_run(tmp_path / "full", run_dir)
+
+
+def test_a_signal_in_the_last_step_ends_the_epoch_and_a_second_acts_as_usual(runs, tmp_path, monkeypatch):
+    steps = len(qgrad.data.load("digits").train_y) // TINY["batch_size"]
+    cfg = TrainConfig(**{**runs["config"].to_dict(), "out": str(tmp_path / "last")})
+    _signalling_step_fn(monkeypatch, {steps})
+    result = train(cfg, progress=False)
+    assert result["interrupted"] == "SIGTERM" and result["epoch"] == 1 and not result["finished"]
+    ckpt = torch.load(tmp_path / "last" / "checkpoint.pt", weights_only=True)
+    assert ckpt["epoch"] == 1 and "within_epoch" not in ckpt
+
+    _signalling_step_fn(monkeypatch, {2}, signal.SIGINT, times=2)
+    with pytest.raises(KeyboardInterrupt):
+        train(dataclasses.replace(cfg, out=str(tmp_path / "twice")), progress=False)
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
 
 
 def test_a_checkpoint_inside_an_epoch_that_does_not_fit_the_run_is_refused(runs, tmp_path):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 from pathlib import Path
 
 from qgrad import data, models
@@ -172,11 +173,21 @@ def run(args: argparse.Namespace) -> int:
         return 0  # under torchrun the first process reports for all
     acc = result.get("test_acc")
     best = result.get("best_test_acc")
-    state = "finished" if result["finished"] else f"stopped after epoch {result['epoch']}/{config.epochs}"
-    parts = [f"{state}: train loss {result['train_loss']:.4f}"]
+    if result["finished"]:
+        state = "finished"
+    elif result["interrupted"]:
+        done = result.get("epoch", 0)
+        state = f"stopped by {result['interrupted']} with {done}/{config.epochs} epochs done"
+    else:
+        state = f"stopped after epoch {result['epoch']}/{config.epochs}"
+    parts = [state if "train_loss" not in result else f"{state}: train loss {result['train_loss']:.4f}"]
     if acc is not None:
         parts.append(f"test acc {acc:.2f}%")
     if best is not None:
         parts.append(f"best {best:.2f}% (epoch {result['best_epoch']})")
     print(", ".join(parts) + f"; run directory {result['run_dir']}")
+    if result["interrupted"] and not result["finished"]:
+        print(f"continue with: qgrad train --out {result['run_dir']} --resume")
+        # the shell's code for a process ended by a signal
+        return 128 + signal.Signals.__members__.get(result["interrupted"], signal.SIGTERM)
     return 0
