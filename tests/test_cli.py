@@ -124,22 +124,27 @@ def test_checkpoint_every_writes_checkpoints_inside_epochs(tmp_path, capsys, mon
     assert "checkpoint_every must be a positive int or None, got 0" in capsys.readouterr().err
 
 
-def test_sigterm_stops_with_a_checkpoint_and_the_signals_exit_code(tmp_path, capsys, monkeypatch):
+def _signal_at_step(monkeypatch, signum, call):
+    """The training steps send ``signum`` to this process during their ``call``-th call."""
     real_step_fn = qgrad.training._step_fn
+    calls = []
 
     def signalling_step_fn(net, penalty):
         step = real_step_fn(net, penalty)
-        calls = []
 
         def signalling(x, y):
             calls.append(1)
-            if len(calls) == 3:
-                os.kill(os.getpid(), signal.SIGTERM)
+            if len(calls) == call:
+                os.kill(os.getpid(), signum)
             return step(x, y)
 
         return signalling
 
     monkeypatch.setattr(qgrad.training, "_step_fn", signalling_step_fn)
+
+
+def test_sigterm_stops_with_a_checkpoint_and_the_signals_exit_code(tmp_path, capsys, monkeypatch):
+    _signal_at_step(monkeypatch, signal.SIGTERM, 3)
     out = tmp_path / "run"
     assert main(["train", *TINY, "--epochs", "2", "--out", str(out)]) == 128 + signal.SIGTERM
     printed = capsys.readouterr().out
@@ -266,6 +271,14 @@ def test_quick_demo_with_several_penalty_modes(tmp_path, capsys):
     # an earlier demo's mode folders count as results to overwrite
     assert main(argv + ["--modes", "exact"]) == 1
     assert "finetune_l1_every2" in capsys.readouterr().err
+
+
+def test_ctrl_c_stops_the_demo(tmp_path, capsys, monkeypatch):
+    _signal_at_step(monkeypatch, signal.SIGINT, 2)
+    out = tmp_path / "demo"
+    assert main(["demo", "--quick", "--width", "0.0625", "--out", str(out), "--no-progress"]) == 130
+    assert "qgrad demo: interrupted" in capsys.readouterr().err
+    assert not (out / "finetune").exists()  # the first stage stopped, and nothing ran after it
 
 
 @pytest.mark.parametrize("mode", ["every=0", "worst-case:bits=1", "fast", "every=two"])

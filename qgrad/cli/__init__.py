@@ -91,7 +91,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     try:
         return int(args.run(args) or 0)
     except KeyboardInterrupt:
-        hint = "; --resume continues from the last finished epoch" if args.command == "train" else ""
+        hint = "; --resume continues from the last checkpoint" if args.command == "train" else ""
         print(f"qgrad {args.command}: interrupted{hint}", file=sys.stderr)
         return 130
     except EXPECTED_ERRORS as e:

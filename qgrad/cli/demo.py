@@ -252,6 +252,8 @@ def _run(args, out: Path, device, epochs: int, ft_epochs: int, configs) -> int:
     for i, (key, text, config) in enumerate(stages, 1):
         t0 = time.perf_counter()
         result = train(config, progress=progress)
+        if result["interrupted"]:  # Ctrl-C ended the stage with a checkpoint: the demo stops there
+            raise KeyboardInterrupt
         summary[key] = {"test_acc": result["test_acc"], "seconds": time.perf_counter() - t0}
         seconds = summary[key]["seconds"]
         print(f"[{i}/{total}] {text}: test acc {result['test_acc']:.2f}% ({seconds:.0f} s)", flush=True)
