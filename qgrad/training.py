@@ -1063,7 +1063,7 @@ def _run(config, resume, stop_after, init_state, processes, device, progress) ->
                                  _penalty_state(penalty, step))
                 logger.info("%s", _fmt_epoch(row, cfg.epochs))
             done = epoch + 1
-            if stop.agreed:
+            if stop.agree(processes, device):  # a signal during the epoch's last step or its evaluation
                 if main and done < cfg.epochs:
                     logger.info(
                         "%s: stopped after epoch %d/%d (continue with resume)", stop.name, done, cfg.epochs
