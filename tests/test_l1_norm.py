@@ -204,17 +204,21 @@ class _Square(torch.autograd.Function):
         return 2 * x * grad
 
 
-def test_seeds_are_deferred_to_nodes_that_accept_them():
+def test_seeds_are_deferred_to_the_nodes_that_produced_the_tensors():
     g = torch.Generator().manual_seed(5)
     x = torch.randn(4, 6, generator=g, dtype=torch.float64, requires_grad=True)
     z = torch.randn(7, generator=g, dtype=torch.float64, requires_grad=True)
     coeff = torch.tensor([0.7, -1.3], dtype=torch.float64)
     _Square.received.clear()
-    out = multi_l1_norm([_Square.apply(x), z * 3])
+    z3 = z * 3  # a node of torch's: the seed reaches it through a pre-hook, registered after this one
+    before_seed = []
+    z3.grad_fn.register_prehook(lambda grads: before_seed.append(grads[0]))
+    out = multi_l1_norm([_Square.apply(x), z3])
     grads = torch.autograd.grad((out * coeff).sum(), [x, z])
-    # the node got a zero-stride zero in place of the seed ...
+    # each node got a zero-stride zero in place of the seed ...
     (received,) = _Square.received
     assert received.stride() == (0, 0) and not received.any()
+    assert before_seed[0].stride() == (0,) and not before_seed[0].any()
     # ... and the gradients are those of the plain-op reference
     ref = multi_l1_norm_ref([x * x, z * 3])
     expected = torch.autograd.grad((ref * coeff).sum(), [x, z])
@@ -222,13 +226,14 @@ def test_seeds_are_deferred_to_nodes_that_accept_them():
         torch.testing.assert_close(a, b, rtol=1e-14, atol=0)
     # a retained graph: a second backward through the l1 node gets the seeds again, one that bypasses it
     # does not see them
-    y = _Square.apply(x)
-    out = multi_l1_norm([y])
-    for _ in range(2):
-        (gx,) = torch.autograd.grad(out.sum(), [x], retain_graph=True)
-        torch.testing.assert_close(gx, 2 * x * torch.sign(x * x), rtol=1e-14, atol=0)
-    (gx,) = torch.autograd.grad(y.sum(), [x])
-    torch.testing.assert_close(gx, 2 * x, rtol=1e-14, atol=0)
+    for make, slope in ((_Square.apply, 2 * x), (lambda t: t * 3, 3)):
+        y = make(x)
+        out = multi_l1_norm([y])
+        for _ in range(2):
+            (gx,) = torch.autograd.grad(out.sum(), [x], retain_graph=True)
+            torch.testing.assert_close(gx, slope * torch.sign(y), rtol=1e-14, atol=0)
+        (gx,) = torch.autograd.grad(y.sum(), [x])
+        torch.testing.assert_close(gx, slope * torch.ones_like(x), rtol=1e-14, atol=0)
 
 
 # ----------------------------------------------------------------------------------------- add_scaled_sign

@@ -31,11 +31,11 @@ worst-case penalty.
 Deferred seeds: the backward's output for ``g_i`` (``dR/dn_i * sign(g_i)``, the "seed" of the double
 backward at ``g_i``) is a float tensor the size of ``g_i``; handing them all back at once would hold one such
 tensor per activation gradient at the start of the double backward (about 20 MB of a ResNet-18 step at
-width 0.25, batch 32). When ``g_i`` was produced by an autograd node that accepts seeds
-(:func:`accept_seeds`; qgrad's convolution backward does), the backward instead leaves ``(int8 sign,
-scale)`` on that node and returns a zero-stride zero for ``g_i``; the node adds ``scale * sign`` to its
-incoming gradient when it runs (:func:`add_seeds`), so each seed exists only while its node runs. The result
-is the same sum.
+width 0.25, batch 32). The backward instead leaves ``(int8 sign, scale)`` with the autograd node that
+produced ``g_i`` and returns a zero-stride zero for ``g_i``; ``scale * sign`` is added to that node's incoming
+gradient when it runs, so each seed exists only while its node runs. A node that accepts seeds
+(:func:`accept_seeds`; qgrad's convolution backward does) adds them in its backward (:func:`add_seeds`);
+any other node (a residual add's, torch's own) gets a pre-hook that adds them. The result is the same sum.
 
 ``multi_l1_norm_ref`` is the plain-op reference (``linalg.vector_norm`` per tensor, autograd's own
 derivative); the two agree to float rounding in value and gradient.
@@ -237,8 +237,9 @@ def add_scaled_sign_ref(
 
 
 def accept_seeds(ctx) -> None:
-    """Called in a custom autograd Function's forward: lets :class:`MultiL1NormFn` defer the seeds of this
-    node's outputs to it (see the module docstring); its backward must then call :func:`add_seeds`."""
+    """Called in a custom autograd Function's forward: :class:`MultiL1NormFn` then leaves the seeds of this
+    node's outputs on it instead of in a pre-hook (see the module docstring); its backward must call
+    :func:`add_seeds`."""
     setattr(ctx, _SEEDS, {})
 
 
@@ -273,24 +274,46 @@ class MultiL1NormFn(torch.autograd.Function):
         norms, signs = l1_norm_sign(tensors, keep_sign=True)
         ctx.save_for_backward(*signs)
         ctx.dtypes = [t.dtype for t in tensors]
-        ctx.producers = [
-            (t.grad_fn, t.output_nr) if hasattr(t.grad_fn, _SEEDS) else None for t in tensors
-        ]
+        ctx.producers = [None if t.grad_fn is None else (t.grad_fn, t.output_nr) for t in tensors]
         return norms
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad: torch.Tensor):
         out = []
+        hooked = {}  # producers without add_seeds: node -> its seeds, added by a pre-hook
         for i, (s, dtype, producer) in enumerate(zip(ctx.saved_tensors, ctx.dtypes, ctx.producers)):
             if not ctx.needs_input_grad[i]:
                 out.append(None)
             elif producer is not None:  # deferred to the node that produced the tensor
                 stand_in = torch.zeros((), dtype=dtype, device=s.device).expand(s.shape)
-                getattr(producer[0], _SEEDS)[producer[1]] = (s, grad[i], dtype, stand_in)
+                node, k = producer
+                seeds = getattr(node, _SEEDS, None)
+                if seeds is None:
+                    seeds = hooked.setdefault(node, {})
+                seeds[k] = (s, grad[i], dtype, stand_in)
                 out.append(stand_in)
             else:
                 out.append(add_scaled_sign(s, grad[i], dtype=dtype))
+        for node, seeds in hooked.items():
+            node.register_prehook(_SeedHook(seeds))
+        return tuple(out)
+
+
+class _SeedHook:
+    """A pre-hook of an autograd node that adds the deferred seeds of its outputs to their incoming
+    gradients (once: the seeds are consumed, as by :func:`add_seeds`)."""
+
+    def __init__(self, seeds):
+        self.seeds = seeds
+
+    def __call__(self, grad_outputs):
+        if not self.seeds:
+            return None
+        out = list(grad_outputs)
+        for k, (sign, scale, dtype, stand_in) in self.seeds.items():
+            out[k] = add_scaled_sign(sign, scale, None if out[k] is stand_in else out[k], dtype)
+        self.seeds = {}
         return tuple(out)
 
 
