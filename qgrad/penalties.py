@@ -842,12 +842,12 @@ class L1GradPenalty(_GradNormPenalty):
     Exact method
         ``R`` is differentiated by autograd's double backward. The per-tensor l1 norms of all weight and
         activation gradients are reduced by one call of :func:`qgrad.ops.l1_norm.multi_l1_norm`, which keeps
-        ``sign(g)`` as int8 and hands ``lambda * sign(g)`` back in one pass per tensor (for gradients made by
-        qgrad's convolution backward, inside that node when it runs). Peak memory of a step (width 0.25,
-        batch 32, CPU): 2.2x (VGG-like) and 2.3x (ResNet-18) a plain step's, against 3.3x and 3.5x for the
-        same penalty written with plain PyTorch ops; on an H100 (full width, batch 128, float32) 1.9x against
-        2.3x and 2.6x. The double backward keeps the BatchNorm input gradient
-        of every layer on top of the forward's tensors (the convolutions recompute theirs from it), and then
+        ``sign(g)`` as int8 and hands ``lambda * sign(g)`` back in one pass per tensor, each when the node
+        that made ``g`` runs. Peak memory of a step (width 0.25, batch 32, CPU): 2.15x (VGG-like) and 2.13x
+        (ResNet-18) a plain step's, against 3.3x and 3.5x for the same penalty written with plain PyTorch
+        ops; on an H100 (full width, batch 128, float32, measured before the seeds of residual adds waited
+        for their node) 1.9x against 2.3x and 2.6x. The double backward keeps the BatchNorm input gradient of
+        every layer on top of the forward's tensors (the convolutions recompute theirs from it), and then
         accumulates gradients for the forward's tensors: about 2x is the floor without recomputing the
         forward (see ``benchmarks/PROFILE.md``).
 
