@@ -93,11 +93,23 @@ class GraphedStep:
 
     ``L1GradPenalty(every=k)`` decides in Python which kind of step comes next, which a replay cannot; the
     same steps come from ``L1GradPenalty(model, k * weight, k * activation)`` on every k-th step and a plain
-    ``loss.backward()`` in between, as two functions::
+    ``loss.backward()`` in between, as two functions; the plain one runs inside ``penalty.plain_steps()``,
+    so that its graph holds torch's own BatchNorm and convolution kernels, as the plain calls of
+    ``every=k`` run, and not those of the penalty's twins::
+
+        penalty = L1GradPenalty(model, k * 0.05, k * 0.05)
+
+        def penalized(x, y):
+            return penalty.backward(F.cross_entropy(model(x), y), sync=False)
+
+        def plain(x, y):
+            with penalty.plain_steps():
+                F.cross_entropy(model(x), y).backward()
 
         step = GraphedStep([penalized, plain], model.parameters())
         for i, (x, y) in enumerate(loader):
-            stats = step(x, y, variant=0 if i % k == 0 else 1)
+            step(x, y, variant=0 if i % k == 0 else 1)
+            optimizer.step()
     """
 
     def __init__(

@@ -1009,6 +1009,7 @@ class L1GradPenalty(_GradNormPenalty):
         self._second_forward: Optional[object] = None  # set while the worst-case closure runs
         self._rng = None
         self._warned_resolution = False
+        self._plain_depth = 0  # > 0 inside plain_steps()
         self._twins: List[nn.Module] = []
         # the twins change only second derivatives, which the worst-case method never takes
         if fused_batchnorm and method == "exact":
@@ -1074,16 +1075,37 @@ class L1GradPenalty(_GradNormPenalty):
             # autograd Functions cost Python time and buy nothing without a double backward (if the guess is
             # wrong, e.g. a forward without a penalty call, a penalized step still gets the exact gradient,
             # through torch's double backward)
-            plain = self._calls % self._every != 0
+            plain = self._plain_depth > 0 or self._calls % self._every != 0
             for m in self._twins:
                 _plain_twin(m, plain)
 
     def _record(self, module: nn.Module, x) -> Optional[torch.Tensor]:
         if isinstance(self._second_forward, _ActivationShift):
             return self._second_forward.replace(module, x)
-        if self._second_forward is not None:
+        if self._second_forward is not None or self._plain_depth > 0:
             return None
         return super()._record(module, x)
+
+    @contextlib.contextmanager
+    def plain_steps(self):
+        """A context for steps that do not call the penalty (``loss.backward()`` alone): forwards inside it
+        run torch's own BatchNorm and convolution instead of the twins' autograd Functions (same outputs and
+        gradients, to float rounding, without the twins' cost) and record no activations, so the penalty
+        cannot be called on them. ``every > 1`` does this by itself on its plain calls; the context is for
+        steps kept apart from the penalized ones, as the plain graph of the two-graph recipe of
+        :class:`qgrad.GraphedStep`, captured inside it. It nests; after it, forwards run as they would have
+        without it."""
+        self._check_usable()
+        self._plain_depth += 1
+        for m in self._twins:
+            _plain_twin(m, True)
+        try:
+            yield self
+        finally:
+            self._plain_depth -= 1
+            if not self._plain_depth:
+                for m in self._twins:
+                    _plain_twin(m, None)
 
     # ------------------------------------------------------------------ properties
     @property

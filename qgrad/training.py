@@ -574,7 +574,13 @@ class _EveryKGraphs:
     the last penalized one)."""
 
     def __init__(self, net: nn.Module, model: nn.Module, penalty, every: int):
-        self._graphs = GraphedStep([_step_fn(net, penalty), _step_fn(net, None)], model.parameters())
+        plain = _step_fn(net, None)
+
+        def plain_step(x: torch.Tensor, y: torch.Tensor) -> Dict[str, torch.Tensor]:
+            with penalty.plain_steps():  # captured with torch's own BatchNorm and convolution
+                return plain(x, y)
+
+        self._graphs = GraphedStep([_step_fn(net, penalty), plain_step], model.parameters())
         self._every = every
         self._calls = 0
         self._last: Dict[str, torch.Tensor] = {}

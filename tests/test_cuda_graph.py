@@ -133,12 +133,16 @@ def test_trainer_every_k_as_two_graphs_takes_the_steps_and_statistics_of_every_k
     torch.manual_seed(0)
     model = qgrad.models.get("vgg_like", num_classes=10, width=0.125, in_channels=1).double().train()
     twin = copy.deepcopy(model)
+    fused = []  # per call of the twin's model: did its first BatchNorm run qgrad's Function?
     x, y = torch.randn(6, 1, 16, 16, dtype=torch.float64), torch.randint(0, 10, (6,))
     cfg = TrainConfig(penalty="l1", lam=0.02, every=3, method=method, cuda_graph=True, out="unused")
     eager_penalty = _make_penalty(model, dataclasses.replace(cfg, cuda_graph=False))
     eager = _step_fn(model, eager_penalty)
     graph_penalty = _make_penalty(twin, cfg)
     graphs = _make_step(twin, twin, graph_penalty, cfg)
+    if method == "exact":
+        first_bn = next(m for m in twin.modules() if isinstance(m, torch.nn.BatchNorm2d))
+        first_bn.register_forward_hook(lambda m, args, out: fused.append(m.fused_double_backward))
     for i in range(5):
         model.zero_grad(set_to_none=True)
         expected = eager(x, y)
@@ -151,6 +155,8 @@ def test_trainer_every_k_as_two_graphs_takes_the_steps_and_statistics_of_every_k
         for (name, p), q in zip(model.named_parameters(), twin.parameters()):
             torch.testing.assert_close(q.grad, p.grad, rtol=1e-9, atol=1e-12, msg=f"step {i}: {name}")
 
+    # the plain graph runs torch's own BatchNorm (and convolution), as the plain calls of every=k do
+    assert fused == ([True, False, False, True, False] if method == "exact" else [])
     # the position in the cycle carries over between the two (a run resumed with or without --cuda-graph)
     eager_state = eager_penalty.state_dict()
     assert graphs.state_dict()["calls"] == eager_state["calls"] == 5

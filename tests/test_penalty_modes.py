@@ -373,6 +373,40 @@ def test_every_k_plain_steps_run_torchs_own_batchnorm_and_conv():
     assert not any(isinstance(m, (BatchNorm2d, Conv2d)) for m in model.modules())
 
 
+@pytest.mark.parametrize("every", [1, 3])
+def test_plain_steps_run_torchs_own_batchnorm_and_conv_and_record_nothing(every):
+    from qgrad.nn import BatchNorm2d, Conv2d
+
+    model, x, y = make_small("train_affine_functional")
+    model, x = model.double(), x.double()
+    twin = copy.deepcopy(model)
+    penalty = L1GradPenalty(model, weight=0.1, activation=0.1, every=every)
+    twins = [m for m in model.modules() if isinstance(m, (BatchNorm2d, Conv2d))]
+    assert twins and all(m.fused_double_backward for m in twins)
+    seen = []
+    def note(module, args, out):
+        seen.append(module.fused_double_backward)
+
+    hooks = [m.register_forward_hook(note) for m in twins]
+    with penalty.plain_steps():
+        with penalty.plain_steps():  # nested
+            pass
+        model.zero_grad(set_to_none=True)
+        F.cross_entropy(model(x), y).backward()
+        with pytest.raises(RuntimeError, match="no recorded activations"):
+            penalty(F.cross_entropy(model(x), y))
+    assert seen and not any(seen)  # every forward inside ran torch's functionals (every=3: call 0 too)
+    F.cross_entropy(twin(x), y).backward()
+    for p, q in zip(model.parameters(), twin.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-12, atol=1e-14)
+    # afterwards: as without the context (every=1: the twins' path; every=3: call 0 is penalized)
+    seen.clear()
+    penalty.backward(F.cross_entropy(model(x), y))
+    assert seen and all(seen)
+    for h in hooks:
+        h.remove()
+
+
 def test_a_twin_running_torchs_functional_still_gives_the_exact_penalty_gradient():
     # what a wrong guess of L1GradPenalty(every=k) costs: speed (torch's double backward), not exactness
     from qgrad.nn import BatchNorm2d, Conv2d
