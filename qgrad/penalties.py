@@ -523,7 +523,6 @@ def check_penalty_state(state: Dict[str, Any]) -> Tuple[int, Dict[str, torch.Ten
     return calls, last
 
 
-
 _METHODS = ("exact", "worst-case")
 _DEFAULT_H = 1e-3
 
