@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from test_training import at_steps, send
 
 import qgrad.data
 import qgrad.training
@@ -124,27 +125,8 @@ def test_checkpoint_every_writes_checkpoints_inside_epochs(tmp_path, capsys, mon
     assert "checkpoint_every must be a positive int or None, got 0" in capsys.readouterr().err
 
 
-def _signal_at_step(monkeypatch, signum, call):
-    """The training steps send ``signum`` to this process during their ``call``-th call."""
-    real_step_fn = qgrad.training._step_fn
-    calls = []
-
-    def signalling_step_fn(net, penalty):
-        step = real_step_fn(net, penalty)
-
-        def signalling(x, y):
-            calls.append(1)
-            if len(calls) == call:
-                os.kill(os.getpid(), signum)
-            return step(x, y)
-
-        return signalling
-
-    monkeypatch.setattr(qgrad.training, "_step_fn", signalling_step_fn)
-
-
 def test_sigterm_stops_with_a_checkpoint_and_the_signals_exit_code(tmp_path, capsys, monkeypatch):
-    _signal_at_step(monkeypatch, signal.SIGTERM, 3)
+    at_steps(monkeypatch, {3}, send(signal.SIGTERM))
     out = tmp_path / "run"
     assert main(["train", *TINY, "--epochs", "2", "--out", str(out)]) == 128 + signal.SIGTERM
     printed = capsys.readouterr().out
@@ -274,7 +256,7 @@ def test_quick_demo_with_several_penalty_modes(tmp_path, capsys):
 
 
 def test_ctrl_c_stops_the_demo(tmp_path, capsys, monkeypatch):
-    _signal_at_step(monkeypatch, signal.SIGINT, 2)
+    at_steps(monkeypatch, {2}, send(signal.SIGINT))
     out = tmp_path / "demo"
     assert main(["demo", "--quick", "--width", "0.0625", "--out", str(out), "--no-progress"]) == 130
     assert "qgrad demo: interrupted" in capsys.readouterr().err

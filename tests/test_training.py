@@ -158,8 +158,36 @@ def test_resume_continues_the_every_k_cycle(runs, tmp_path):
     _same_run(tmp_path / "full", tmp_path / "resumed")
 
 
+def at_steps(monkeypatch, calls, action):
+    """Make the trainer's steps run ``action()`` at the start of their calls numbered ``calls`` (from 1)."""
+    real_step_fn = qgrad.training._step_fn
+    count = [0]
+
+    def step_fn(net, penalty):
+        step = real_step_fn(net, penalty)
+
+        def acting(x, y):
+            count[0] += 1
+            if count[0] in calls:
+                action()
+            return step(x, y)
+
+        return acting
+
+    monkeypatch.setattr(qgrad.training, "_step_fn", step_fn)
+
+
+def send(signum, times=1):
+    """An action for :func:`at_steps`: send ``signum`` to this process ``times`` times."""
+    return lambda: [os.kill(os.getpid(), signum) for _ in range(times)]
+
+
 class Crash(Exception):
     pass
+
+
+def crash():
+    raise Crash
 
 
 def test_a_crash_inside_an_epoch_resumes_from_the_last_checkpoint_in_it(runs, tmp_path, monkeypatch):
@@ -168,21 +196,7 @@ def test_a_crash_inside_an_epoch_resumes_from_the_last_checkpoint_in_it(runs, tm
     train(dataclasses.replace(cfg, out=str(tmp_path / "full")), progress=False)
 
     run_dir = tmp_path / "crashed"
-    real_step_fn = qgrad.training._step_fn
-    calls = []
-
-    def crashing_step_fn(net, penalty):
-        step = real_step_fn(net, penalty)
-
-        def crashing(x, y):
-            calls.append(1)
-            if len(calls) == steps + 9:  # the 9th batch of epoch 2
-                raise Crash
-            return step(x, y)
-
-        return crashing
-
-    monkeypatch.setattr(qgrad.training, "_step_fn", crashing_step_fn)
+    at_steps(monkeypatch, {steps + 9}, crash)  # the 9th batch of epoch 2
     with pytest.raises(Crash):
         train(dataclasses.replace(cfg, out=str(run_dir), checkpoint_every=5), progress=False)
     monkeypatch.undo()
@@ -206,27 +220,6 @@ def test_a_crash_inside_an_epoch_resumes_from_the_last_checkpoint_in_it(runs, tm
     _same_run(tmp_path / "full", run_dir)
 
 
-def _signalling_step_fn(monkeypatch, at_calls, signum=signal.SIGTERM, times=1):
-    """Make the training steps send ``signum`` (``times`` times) to this process during the calls numbered
-    ``at_calls``."""
-    real_step_fn = qgrad.training._step_fn
-    calls = []
-
-    def signalling_step_fn(net, penalty):
-        step = real_step_fn(net, penalty)
-
-        def signalling(x, y):
-            calls.append(1)
-            if len(calls) in at_calls:
-                for _ in range(times):
-                    os.kill(os.getpid(), signum)
-            return step(x, y)
-
-        return signalling
-
-    monkeypatch.setattr(qgrad.training, "_step_fn", signalling_step_fn)
-
-
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
 def test_a_signal_stops_the_run_with_a_checkpoint_and_resume_ends_the_same(runs, tmp_path, monkeypatch,
                                                                              signum):
@@ -234,7 +227,7 @@ def test_a_signal_stops_the_run_with_a_checkpoint_and_resume_ends_the_same(runs,
     cfg = TrainConfig(**{**runs["config"].to_dict(), "every": 3, "out": None})
     train(dataclasses.replace(cfg, out=str(tmp_path / "full")), progress=False)
     before = signal.getsignal(signum)
-    _signalling_step_fn(monkeypatch, {steps + 5}, signum)
+    at_steps(monkeypatch, {steps + 5}, send(signum))
     run_dir = tmp_path / "stopped"
     result = train(dataclasses.replace(cfg, out=str(run_dir)), progress=False)
     monkeypatch.undo()
@@ -252,13 +245,13 @@ def test_a_signal_stops_the_run_with_a_checkpoint_and_resume_ends_the_same(runs,
 def test_a_signal_in_the_last_step_ends_the_epoch_and_a_second_acts_as_usual(runs, tmp_path, monkeypatch):
     steps = len(qgrad.data.load("digits").train_y) // TINY["batch_size"]
     cfg = TrainConfig(**{**runs["config"].to_dict(), "out": str(tmp_path / "last")})
-    _signalling_step_fn(monkeypatch, {steps})
+    at_steps(monkeypatch, {steps}, send(signal.SIGTERM))
     result = train(cfg, progress=False)
     assert result["interrupted"] == "SIGTERM" and result["epoch"] == 1 and not result["finished"]
     ckpt = torch.load(tmp_path / "last" / "checkpoint.pt", weights_only=True)
     assert ckpt["epoch"] == 1 and "within_epoch" not in ckpt
 
-    _signalling_step_fn(monkeypatch, {2}, signal.SIGINT, times=2)
+    at_steps(monkeypatch, {2}, send(signal.SIGINT, times=2))
     with pytest.raises(KeyboardInterrupt):
         train(dataclasses.replace(cfg, out=str(tmp_path / "twice")), progress=False)
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
