@@ -631,9 +631,11 @@ def _make_step(net: nn.Module, model: nn.Module, penalty, cfg: TrainConfig):
 
 class _StopRequests:
     """SIGINT and SIGTERM (Ctrl-C, a cluster's notice before it ends a job) while :func:`train` runs: the
-    first one asks the run to stop at the next step boundary with a checkpoint; a second one acts as it
-    would without qgrad (KeyboardInterrupt, termination). Installed only from the main thread (Python delivers
-    signals there); elsewhere the signals keep their handlers."""
+    first one asks the run to stop at the next step boundary with a checkpoint; the same signal again acts
+    as it would without qgrad (KeyboardInterrupt, termination), the other one is taken as the same request
+    (a scheduler may follow a user's Ctrl-C with its own SIGTERM). torchrun hands the signal it receives to
+    every process, once. Installed only from the main thread (Python delivers signals there); elsewhere the
+    signals keep their handlers."""
 
     SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
@@ -661,12 +663,14 @@ class _StopRequests:
         return "signal" if self.signal is None else signal.Signals(self.signal).name
 
     def _handle(self, signum, frame) -> None:
+        name = signal.Signals(signum).name
+        if self.signal is not None:
+            logger.warning("%s received while stopping: the checkpoint is still written", name)
+            return
         self.signal = signum
-        for sig, handler in self._previous.items():  # the next signal gets the usual treatment
-            signal.signal(sig, handler)
+        signal.signal(signum, self._previous[signum])  # the same signal again gets the usual treatment
         logger.warning(
-            "%s received: stopping after this step with a checkpoint (send it again to stop at once)",
-            signal.Signals(signum).name,
+            "%s received: stopping after this step with a checkpoint (send it again to stop at once)", name
         )
 
     def agree(self, processes, device) -> bool:
@@ -834,8 +838,9 @@ def train(
     SIGINT (Ctrl-C) and SIGTERM (what clusters send before they end or preempt a job) stop the run at the
     next step boundary (with several processes within 10 steps, all at the same one): it writes
     ``checkpoint.pt`` as ``checkpoint_every`` would and returns with ``interrupted`` set to the signal's
-    name; ``resume`` continues from the next batch. A second signal acts as usual (KeyboardInterrupt,
-    termination). The handlers are installed only when ``train`` runs in the main thread.
+    name; ``resume`` continues from the next batch. The same signal a second time acts as usual
+    (KeyboardInterrupt, termination). The handlers are installed only when ``train`` runs in the main
+    thread.
 
     Raises:
         TrainingError: ``config.out`` already holds a checkpoint (and ``resume`` is False), the resumed

@@ -242,6 +242,18 @@ def test_a_signal_stops_the_run_with_a_checkpoint_and_resume_ends_the_same(runs,
     _same_run(tmp_path / "full", run_dir)
 
 
+def test_sigterm_after_sigint_is_the_same_request(runs, tmp_path, monkeypatch):
+    # a scheduler may follow a user's Ctrl-C with its own SIGTERM
+    def both():
+        os.kill(os.getpid(), signal.SIGINT)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    at_steps(monkeypatch, {3}, both)
+    result = train(dataclasses.replace(runs["config"], out=str(tmp_path / "run")), progress=False)
+    assert result["interrupted"] == "SIGINT"
+    assert torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)["within_epoch"]["batch"] == 3
+
+
 def test_a_signal_in_the_last_step_ends_the_epoch_and_a_second_acts_as_usual(runs, tmp_path, monkeypatch):
     steps = len(qgrad.data.load("digits").train_y) // TINY["batch_size"]
     cfg = TrainConfig(**{**runs["config"].to_dict(), "out": str(tmp_path / "last")})
