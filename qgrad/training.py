@@ -647,7 +647,9 @@ class _StopRequests:
     def install(self) -> None:
         if threading.current_thread() is threading.main_thread():
             for sig in self.SIGNALS:
-                self._previous[sig] = signal.signal(sig, self._handle)
+                previous = signal.signal(sig, self._handle)
+                # None: a handler installed outside Python, which cannot be put back; the default then
+                self._previous[sig] = signal.SIG_DFL if previous is None else previous
 
     def uninstall(self) -> None:
         for sig, handler in self._previous.items():
