@@ -41,7 +41,7 @@ from torch import nn
 
 from qgrad._processes import join
 from qgrad.cuda_graph import GraphedStep
-from qgrad.penalties import L1GradPenalty, check_penalty_state
+from qgrad.penalties import L1GradPenalty, L2GradPenalty, OrthogonalityPenalty, check_penalty_state
 
 __all__ = [
     "CheckpointError",
@@ -423,8 +423,6 @@ def _append_metrics(path: Path, row: dict) -> None:
 
 
 def _make_penalty(model: nn.Module, cfg: TrainConfig):
-    from qgrad.penalties import L2GradPenalty, OrthogonalityPenalty
-
     if cfg.penalty == "l1":
         every, lam = cfg.every, cfg.lam
         if cfg.cuda_graph:  # every > 1 runs as two graphs (_EveryKGraphs): the penalty applies at every call
@@ -1018,8 +1016,9 @@ def _run(config, resume, stop_after, init_state, processes, device, progress) ->
                     logger.info("epoch %d: %s penalty on (lambda %g)", epoch + 1, cfg.penalty, cfg.lam)
             if step is None:
                 step = _make_step(net, model, penalty, cfg)
-            if penalty_state is not None and _every_k_cycle(penalty, step) is not None:
-                _every_k_cycle(penalty, step).load_state_dict(penalty_state)
+            cycle = _every_k_cycle(penalty, step)
+            if penalty_state is not None and cycle is not None:  # a resumed run's every-k position
+                cycle.load_state_dict(penalty_state)
                 penalty_state = None
             start, within = within, None
             train_loader.set_epoch(epoch, first_batch=0 if start is None else start["batch"])
