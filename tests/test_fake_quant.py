@@ -248,6 +248,11 @@ def test_empty_tensor_gradients_are_zero():
         (dict(scale=torch.tensor(1)), TypeError, "scale must be a floating-point tensor"),
         (dict(x=torch.ones(2, 5, 3, dtype=torch.int32)), TypeError, "x must be float16, bfloat16, float32 or float64"),
         (dict(x=[1.0, 2.0]), TypeError, "x must be a torch.Tensor"),
+        (dict(grad_scale=-1.0), ValueError, "grad_scale must be finite and > 0"),
+        (dict(grad_scale=0.0), ValueError, "grad_scale must be finite and > 0"),
+        (dict(grad_scale=float("nan")), ValueError, "grad_scale must be finite and > 0"),
+        (dict(grad_scale=float("inf")), ValueError, "grad_scale must be finite and > 0"),
+        (dict(grad_scale=torch.tensor(0.5)), TypeError, "grad_scale must be a float or None"),
     ],
 )
 def test_bad_input_raises_clear_errors(kwargs, err, match):

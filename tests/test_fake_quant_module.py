@@ -119,6 +119,41 @@ def test_state_dict_round_trip_per_channel():
     assert torch.equal(fresh(w), y)
 
 
+@pytest.mark.parametrize(
+    "saved, loading, match",
+    [
+        (dict(bits=8), dict(bits=4), "saved with bits=8; this FakeQuant has bits=4"),
+        (dict(bits=4, axis=0), dict(bits=4), "saved with axis=0; this FakeQuant has axis=None"),
+        (dict(bits=4, symmetric=False), dict(bits=4), "saved with symmetric=False"),
+    ],
+)
+def test_state_of_another_grid_is_refused(saved, loading, match):
+    source = FakeQuant(**saved)
+    source(torch.randn(3, 6))
+    target = FakeQuant(**loading)
+    with pytest.raises(RuntimeError, match=match):
+        target.load_state_dict(source.state_dict())
+    assert not target.initialized  # left as it was
+
+
+def test_state_without_grid_settings_still_loads():
+    """States written before the settings were stored (only "initialized" and "signed") load as they are."""
+    source = FakeQuant(bits=4)
+    x = torch.randn(10)
+    y = source(x)
+    state = source.state_dict()
+    state["_extra_state"] = {"initialized": True, "signed": True}
+    target = FakeQuant(bits=4)
+    target.load_state_dict(state)
+    assert torch.equal(target(x), y)
+
+
+@pytest.mark.parametrize("grad_scale", [-1.0, 0.0, float("nan"), float("inf")])
+def test_bad_grad_scale_rejected_at_construction(grad_scale):
+    with pytest.raises(ValueError, match="grad_scale must be finite and > 0"):
+        FakeQuant(bits=8, learnable=True, grad_scale=grad_scale)
+
+
 def test_deepcopy_and_set_scale():
     fq = FakeQuant(bits=8, signed=True)
     fq.set_scale(0.5)

@@ -8,7 +8,7 @@ from typing import Any, Dict, Optional, Union
 import torch
 from torch import nn
 
-from qgrad.ops.fake_quant import fake_quant
+from qgrad.ops.fake_quant import check_grad_scale, fake_quant
 
 __all__ = ["FakeQuant", "quant_range"]
 
@@ -47,7 +47,8 @@ class FakeQuant(nn.Module):
             taken it to 0 or below.
         signed: for symmetric grids, whether the grid has negative codes (:func:`quant_range`). ``None`` decides from
             the range it is initialized with: unsigned when that range is non-negative (e.g. after a ReLU).
-        grad_scale: LSQ gradient multiplier passed to :func:`qgrad.fake_quant` (default ``1/sqrt(N*quant_max)``).
+        grad_scale: LSQ gradient multiplier passed to :func:`qgrad.fake_quant`, finite and > 0 (default
+            ``1/sqrt(N*quant_max)``).
 
     The range is taken from the first tensor seen in ``forward`` (its min/max, per channel when ``axis`` is set)
     unless :meth:`set_range` or :meth:`set_scale` was called first. ``scale`` and ``zero_point`` keep their identity
@@ -77,7 +78,7 @@ class FakeQuant(nn.Module):
         self.axis = axis
         self.learnable = bool(learnable)
         self.signed = signed if symmetric else False
-        self.grad_scale = grad_scale
+        self.grad_scale = check_grad_scale(grad_scale)
         scale = torch.ones(())
         if self.learnable:
             self.scale = nn.Parameter(scale)
@@ -183,17 +184,42 @@ class FakeQuant(nn.Module):
                 new.data = old.to(new.device)
         return self
 
+    #: settings fixed at construction that a loaded grid must share: ``scale`` and ``zero_point`` mean
+    #: something else on another bit-width, sign convention or channel axis
+    _GRID_SETTINGS = ("bits", "symmetric", "axis")
+
     def get_extra_state(self) -> Dict[str, Any]:
-        return {"initialized": self.initialized, "signed": self.signed}
+        state = {"initialized": self.initialized, "signed": self.signed}
+        state.update({name: getattr(self, name) for name in self._GRID_SETTINGS})
+        return state
 
     def set_extra_state(self, state: Dict[str, Any]) -> None:
         self.initialized = bool(state["initialized"])
         self.signed = state["signed"]
 
-    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        # a state saved by a FakeQuant of another grid loads without a shape error (per-tensor grids are all
+        # 0-d) and would quantize wrongly: refuse it, as torch refuses a parameter of another shape (states
+        # written before the settings were stored carry none and load as they are)
+        stored = state_dict.get(prefix + "_extra_state")
+        if isinstance(stored, dict):
+            differ = [n for n in self._GRID_SETTINGS if n in stored and stored[n] != getattr(self, n)]
+            if differ:
+                theirs = ", ".join(f"{n}={stored[n]!r}" for n in differ)
+                ours = ", ".join(f"{n}={getattr(self, n)!r}" for n in differ)
+                error_msgs.append(
+                    f"the quantizer state {prefix.rstrip('.') or '(root)'!r} was saved with {theirs}; this "
+                    f"FakeQuant has {ours}. "
+                    "Build the model with the settings of the checkpoint (e.g. the same bit-widths and "
+                    "per_channel_weights in quantize_model) before loading it"
+                )
+                return
         # per-channel grids only learn their length from data: adopt the stored shape before copying
         for name in ("scale", "zero_point"):
             key = prefix + name
             if key in state_dict and state_dict[key].shape != getattr(self, name).shape:
                 getattr(self, name).data = torch.empty_like(state_dict[key], device=getattr(self, name).device)
-        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        super()._load_from_state_dict(
+            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+        )

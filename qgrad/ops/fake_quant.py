@@ -6,6 +6,7 @@ fused kernels must reproduce.
 """
 from __future__ import annotations
 
+import math
 import numbers
 from typing import Optional, Tuple, Union
 
@@ -123,6 +124,20 @@ def check_fake_quant_args(
             f"zero_point must lie in [quant_min, quant_max] = [{quant_min}, {quant_max}]",
         )
     return scale, zero_point, axis
+
+
+def check_grad_scale(grad_scale: Optional[float]) -> Optional[float]:
+    """``grad_scale`` as a float, or None; raises ``TypeError`` / ``ValueError`` unless it is a finite real > 0
+    (a negative one would push the scale the wrong way, and 0 or a non-finite one silently stop it or make
+    its gradient NaN; a scale that should not train is simply not a tensor that requires grad)."""
+    if grad_scale is None:
+        return None
+    if isinstance(grad_scale, bool) or not isinstance(grad_scale, numbers.Real):
+        raise TypeError(f"grad_scale must be a float or None, got {grad_scale!r}")
+    grad_scale = float(grad_scale)
+    if not (math.isfinite(grad_scale) and grad_scale > 0):
+        raise ValueError(f"grad_scale must be finite and > 0, got {grad_scale}")
+    return grad_scale
 
 
 class FakeQuantFn(torch.autograd.Function):
@@ -250,8 +265,8 @@ def fake_quant(
         quant_min, quant_max: the integer grid, ``quant_min < quant_max`` (e.g. -127, 127 for signed 8-bit
             restricted-symmetric, 0, 255 for unsigned 8-bit).
         axis: channel dimension for per-channel quantization (negative values count from the end), or ``None``.
-        grad_scale: multiplier of the LSQ scale / zero-point gradients; default ``1 / sqrt(N * quant_max)``, N the
-            number of elements that share one scale value.
+        grad_scale: multiplier of the LSQ scale / zero-point gradients, finite and > 0; default
+            ``1 / sqrt(N * quant_max)``, N the number of elements that share one scale value.
 
     Gradients: straight-through for ``x`` (``dy`` where ``quant_min <= x/scale + zero_point <= quant_max``, else
     0), LSQ for ``scale`` and ``zero_point`` when they require grad (see :mod:`qgrad.reference`). The op is twice
@@ -262,6 +277,5 @@ def fake_quant(
         channels-last, transposed); the gradient w.r.t. ``x`` likewise.
     """
     scale, zero_point, axis = check_fake_quant_args(x, scale, zero_point, quant_min, quant_max, axis)
-    if grad_scale is not None:
-        grad_scale = float(grad_scale)
+    grad_scale = check_grad_scale(grad_scale)
     return FakeQuantFn.apply(x, scale, zero_point, int(quant_min), int(quant_max), axis, grad_scale)
