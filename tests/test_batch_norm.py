@@ -310,6 +310,22 @@ def test_batch_size_one():
                   0, 0, "eval output")
 
 
+@pytest.mark.parametrize("training", [True, False])
+def test_empty_batch_like_torch(training):
+    """An empty batch (which the native kernel rejects) gives torch's empty output, still connected to weight
+    and bias, and leaves the running statistics alone, also inside a model that a penalty converted."""
+    x, w, b, rm, rv = _inputs((0, 3, 4), affine=True)
+    w.requires_grad_()
+    ours, theirs = (rm.clone(), rv.clone()), (rm.clone(), rv.clone())
+    y = batch_norm(x, *ours, w, b, training)
+    y_ref = F.batch_norm(x, *theirs, w, b, training)
+    assert y.shape == y_ref.shape == (0, 3, 4) and y.requires_grad
+    assert all(torch.equal(a, c) for a, c in zip(ours + theirs, (rm, rv) * 2))
+    model = nn.Sequential(nn.Conv2d(2, 3, 3), nn.BatchNorm2d(3), nn.ReLU()).train(training)
+    L1GradPenalty(model)
+    assert model(torch.randn(0, 2, 5, 5)).shape == (0, 3, 3, 3)
+
+
 def test_errors_change_nothing():
     x, w, b, rm, rv = _inputs((2, 3, 4), affine=True)
     before = (rm.clone(), rv.clone())

@@ -379,4 +379,10 @@ def batch_norm(
         if size[0] * math.prod(size[2:]) == 1:
             # the message of torch.nn.functional.batch_norm, so code handling one handles both
             raise ValueError(f"Expected more than 1 value per channel when training, got input size {input.size()}")
+    if input.numel() == 0:
+        # an empty batch, which the native kernel rejects: torch's function returns an empty output that still
+        # depends on weight and bias, and leaves the running statistics alone
+        return torch.nn.functional.batch_norm(
+            input, running_mean, running_var, weight, bias, training, momentum, eps
+        )
     return BatchNormFn.apply(input, weight, bias, running_mean, running_var, training, momentum, eps)
