@@ -498,6 +498,22 @@ def test_torch_func_transforms_work_on_a_model_with_the_twins():
     penalty.remove()
 
 
+def test_symbolic_trace_of_a_model_with_the_twins_is_that_of_the_torch_model():
+    """torch.fx keeps torch's modules as leaves and traces into other modules: the twins hand it a leaf node
+    too (their autograd Functions and input checks cannot take proxies), so the graph is the torch model's and
+    running it runs the twins."""
+    x, y = make_batch()
+    net = make_net()
+    expected = torch.fx.symbolic_trace(net).code
+    penalty = L1GradPenalty(net)
+    traced = torch.fx.symbolic_trace(net)
+    assert traced.code == expected
+    assert type(traced.get_submodule("bn1")) is type(net.bn1) is not nn.BatchNorm2d
+    loss = F.cross_entropy(net(x), y)
+    assert torch.equal(F.cross_entropy(traced(x), y), loss)
+    penalty.remove()
+
+
 # -------------------------------------------------------------------------------------------- hooks / copies
 def test_state_dict_unchanged():
     net = make_net()

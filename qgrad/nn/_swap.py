@@ -1,10 +1,27 @@
 """In-place class swaps between torch modules and qgrad's twins (same state, different autograd)."""
+from typing import Optional
+
 import torch
+import torch.fx
 from torch import nn
 
 #: Whether a torch.func transform (grad, vmap, jacrev, ...) is running. The twins' autograd Functions have no
 #: functorch rules, so under a transform the twins call torch's own ops (same forward, same first gradient).
 functorch_active = getattr(torch._C, "_are_functorch_transforms_active", lambda: False)
+
+
+def traced_as_leaf(module: nn.Module, input) -> Optional[torch.fx.Proxy]:
+    """The graph node of a call of ``module`` when ``input`` is a ``torch.fx`` proxy, else None.
+
+    fx's default tracer keeps the modules defined in ``torch.nn`` as leaves (one ``call_module`` node) and
+    traces into all others, so it would trace into a twin, whose autograd Function and input checks a proxy
+    cannot pass. A twin's forward returns this node instead: a converted model traces to the graph of the
+    torch model, and the graph's module calls run the twins.
+    """
+    if not isinstance(input, torch.fx.Proxy):
+        return None
+    tracer = input.tracer
+    return tracer.create_proxy("call_module", tracer.path_of_module(module), (input,), {})
 
 
 def swap_classes(model: nn.Module, table: dict) -> nn.Module:

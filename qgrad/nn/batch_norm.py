@@ -19,17 +19,15 @@ so optimizers built before keep working), their hooks and the model's ``state_di
 :func:`revert_batchnorm` is the inverse. Only modules whose type is exactly ``nn.BatchNorm1d/2d/3d`` are
 converted; subclasses (``SyncBatchNorm``, user classes, the lazy variants) are left as they are.
 
-A converted model is not ``torch.fx.symbolic_trace``-able by the default tracer, which treats only modules
-defined in ``torch.nn`` as leaves and would trace into the autograd Function; a tracer that keeps every
-``nn.modules.batchnorm._BatchNorm`` as a leaf (as :mod:`qgrad.quantization` does) traces it, and
-:func:`revert_batchnorm` restores the plain torch modules.
+``torch.fx.symbolic_trace`` records a converted module as one ``call_module`` node, as it does torch's own
+(:func:`qgrad.nn._swap.traced_as_leaf`).
 """
 from __future__ import annotations
 
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from qgrad.nn._swap import functorch_active, swap_classes
+from qgrad.nn._swap import functorch_active, swap_classes, traced_as_leaf
 from qgrad.ops.batch_norm import batch_norm
 
 __all__ = ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "convert_batchnorm", "revert_batchnorm"]
@@ -37,6 +35,9 @@ __all__ = ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "convert_batchnorm", "re
 
 def _forward(self: nn.modules.batchnorm._BatchNorm, input: Tensor) -> Tensor:
     """The forward of torch's ``_BatchNorm`` (same statistics bookkeeping), calling qgrad's ``batch_norm``."""
+    leaf = traced_as_leaf(self, input)
+    if leaf is not None:
+        return leaf
     self._check_input_dim(input)
     momentum = 0.0 if self.momentum is None else self.momentum
     if self.training and self.track_running_stats and self.num_batches_tracked is not None:

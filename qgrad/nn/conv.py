@@ -10,6 +10,8 @@ padding (``"same"``, ``"valid"``) is passed to torch's own forward unchanged, an
 module whose ``fused_double_backward`` attribute is False (:class:`qgrad.penalties.L1GradPenalty` sets it for
 the forwards of the plain steps of ``every > 1``) and every input under a ``torch.func`` transform.
 
+``torch.fx.symbolic_trace`` records a converted module as one ``call_module`` node, as it does torch's own.
+
 Under autocast the forward casts its floating-point inputs (except float64) to the autocast dtype and
 computes in it, the cast torch's autocast applies to a convolution.
 
@@ -26,10 +28,15 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from qgrad.nn._swap import functorch_active, swap_classes
+from qgrad.nn._swap import functorch_active, swap_classes, traced_as_leaf
 from qgrad.ops.conv import conv
 
 __all__ = ["Conv1d", "Conv2d", "Conv3d", "convert_conv", "revert_conv"]
+
+
+def _forward(self: nn.modules.conv._ConvNd, input: Tensor) -> Tensor:
+    leaf = traced_as_leaf(self, input)
+    return self._conv_forward(input, self.weight, self.bias) if leaf is None else leaf
 
 
 def _conv_forward(
@@ -56,6 +63,7 @@ def _conv_forward(
 class Conv1d(nn.Conv1d):
     """``torch.nn.Conv1d`` with qgrad's direct double backward; see :mod:`qgrad.nn.conv`."""
 
+    forward = _forward
     _conv_forward = _conv_forward
     fused_double_backward = True
 
@@ -63,6 +71,7 @@ class Conv1d(nn.Conv1d):
 class Conv2d(nn.Conv2d):
     """``torch.nn.Conv2d`` with qgrad's direct double backward; see :mod:`qgrad.nn.conv`."""
 
+    forward = _forward
     _conv_forward = _conv_forward
     fused_double_backward = True
 
@@ -70,6 +79,7 @@ class Conv2d(nn.Conv2d):
 class Conv3d(nn.Conv3d):
     """``torch.nn.Conv3d`` with qgrad's direct double backward; see :mod:`qgrad.nn.conv`."""
 
+    forward = _forward
     _conv_forward = _conv_forward
     fused_double_backward = True
 
