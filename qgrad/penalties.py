@@ -347,15 +347,28 @@ class _Penalty:
                 "create a new one to regularize it again"
             )
 
+    def _check_grad_enabled(self) -> None:
+        # under no_grad the term would come back as a constant, and a training loop adding it to the loss would
+        # silently train without the penalty
+        if not torch.is_grad_enabled():
+            raise RuntimeError(
+                f"{type(self).__name__}(loss) was called with gradient recording off (torch.no_grad() or "
+                "inference mode), where the term it returns cannot be differentiable; call it with grad "
+                "enabled, or use penalty.backward(loss), which works in either mode"
+            )
+
     def _terms(self, loss: torch.Tensor) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
         raise NotImplementedError
 
     def __call__(self, loss: torch.Tensor) -> torch.Tensor:
-        """The weighted penalty for ``loss``: a differentiable 0-d tensor to add to the loss."""
+        """The weighted penalty for ``loss``: a differentiable 0-d tensor to add to the loss (grad mode must be
+        on, as for any term that is to be backpropagated)."""
         self._check_usable()
+        self._check_grad_enabled()
         _check_loss(loss)
         return self._terms(loss)[0]
 
+    @torch.enable_grad()
     def backward(self, loss: torch.Tensor, sync: bool = True) -> Dict[str, Union[float, torch.Tensor]]:
         """``(loss + penalty).backward()`` in one call; releases the recorded activations afterwards.
 
@@ -1171,6 +1184,7 @@ class L1GradPenalty(_GradNormPenalty):
         ``R`` (exact), ``R_wc`` (worst-case; needs ``closure``), times ``every`` on penalized calls; a
         constant zero on the plain calls of ``every > 1``. See the class docstring.
         """
+        self._check_grad_enabled()
         applied = self._check_call(loss, closure)
         if not applied:
             self._selected()
@@ -1188,6 +1202,7 @@ class L1GradPenalty(_GradNormPenalty):
         self._calls += 1
         return reg
 
+    @torch.enable_grad()
     def backward(
         self, loss: torch.Tensor, closure: Optional[Callable[[], torch.Tensor]] = None, sync: bool = True
     ) -> Dict[str, Union[float, torch.Tensor]]:

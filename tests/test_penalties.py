@@ -8,6 +8,7 @@ for l2) computed forward-over-reverse with ``torch.func.jvp`` -- a different rou
 reverse-over-reverse double backward.
 """
 
+import contextlib
 import copy
 import gc
 import io
@@ -422,6 +423,28 @@ def test_errors():
             p(F.cross_entropy(net(x), y))
         with pytest.raises(RuntimeError, match="was removed from its model"):
             p.backward(F.cross_entropy(net(x), y))
+
+
+@pytest.mark.parametrize("make", [
+    lambda net: L1GradPenalty(net), lambda net: L1GradPenalty(net, every=2), lambda net: L2GradPenalty(net),
+    lambda net: OrthogonalityPenalty(net),
+])
+def test_grad_mode_off(make):
+    """penalty(loss) under no_grad would return a constant and silently train without the penalty: it raises;
+    penalty.backward(loss), like loss.backward(), works in either mode and gives the same gradients."""
+    x, y = make_batch()
+    grads = []
+    for off in (False, True):
+        net = make_net()
+        penalty = make(net)
+        loss = F.cross_entropy(net(x), y)
+        if off:
+            with torch.no_grad(), pytest.raises(RuntimeError, match="with gradient recording off"):
+                penalty(loss)
+        with torch.no_grad() if off else contextlib.nullcontext():
+            penalty.backward(loss)
+        grads.append([p.grad for p in net.parameters()])
+    assert all(torch.equal(a, b) for a, b in zip(*grads))
 
 
 def test_compiled_models_are_refused_where_the_backward_is_differentiated():
