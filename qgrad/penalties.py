@@ -417,7 +417,8 @@ class _GradNormPenalty(_Penalty):
     The norm is taken per tensor and the norms are summed, as in Eq. 3 of Alizadeh et al. Both halves come
     from one ``torch.autograd.grad`` call with ``create_graph=True``; a half whose coefficient is 0 is not
     computed, and ``activation=0`` registers no hooks. Tensors the loss does not depend on count as zero
-    gradients.
+    gradients, but a loss that reaches none of a half's tensors raises ``RuntimeError`` (it was computed by
+    another model, e.g. a copy).
     """
 
     _ord: float
@@ -464,7 +465,16 @@ class _GradNormPenalty(_Penalty):
         return weights, acts
 
     @staticmethod
-    def _check_activation_grads(acts: Sequence[torch.Tensor], a_grads: Sequence[Optional[torch.Tensor]]):
+    def _check_reached(weights: Sequence[torch.Tensor], w_grads: Sequence[Optional[object]],
+                       acts: Sequence[torch.Tensor], a_grads: Sequence[Optional[object]]) -> None:
+        """Raise when a half has tensors but the loss reached none of them (single unused tensors count as
+        zero gradients; a whole half unused means the loss came from somewhere else)."""
+        if weights and all(g is None for g in w_grads):
+            raise RuntimeError(
+                "the loss does not depend on any of the regularized weights; compute it with the model this "
+                "penalty was created for (not a copy of it, nor torch.func.functional_call with other "
+                "parameter tensors), or pass the tensors it does use as params="
+            )
         if acts and all(g is None for g in a_grads):
             raise RuntimeError(
                 "the loss does not depend on the activations recorded in the last forward pass; run a "
@@ -505,7 +515,7 @@ class _GradNormPenalty(_Penalty):
             return zero, {f"weight_{self._suffix}": zero, f"activation_{self._suffix}": zero}
         grads = torch.autograd.grad(loss, weights + acts, create_graph=True, allow_unused=True)
         w_grads, a_grads = grads[: len(weights)], grads[len(weights) :]
-        self._check_activation_grads(acts, a_grads)
+        self._check_reached(weights, w_grads, acts, a_grads)
         w_norm, a_norm = self._norms(w_grads, a_grads, loss)
         w_norm = w_norm if weights else zero
         a_norm = a_norm if acts else zero
@@ -1300,8 +1310,8 @@ class L1GradPenalty(_GradNormPenalty):
             g1 = list(grads[: len(targets)])
             a_reduced = [None if g is None else _reduce(g) for g in grads[len(targets) :]]
             del grads
-        self._check_activation_grads(acts, a_reduced)
         w_grads = [g1[position[id(w)]] for w in weights]
+        self._check_reached(weights, w_grads, acts, a_reduced)
         terms = self._l1_values(w_grads, a_reduced, loss)
         lam = max(self._weight, self._activation)
         if not weights and not acts:  # nothing to perturb (both coefficients 0, or every weight frozen)

@@ -425,6 +425,27 @@ def test_errors():
             p.backward(F.cross_entropy(net(x), y))
 
 
+@pytest.mark.parametrize("kwargs", [dict(activation=0.0), dict(method="worst-case", activation=0.0), {}])
+def test_a_loss_that_reaches_none_of_the_weights_is_an_error(kwargs):
+    """A loss from a copy of the model (or from torch.func.functional_call with other tensors) gives no
+    gradient to any regularized weight: the weight half would silently be 0."""
+    x, y = make_batch()
+    net = make_net()
+    penalty = L1GradPenalty(net, **kwargs)
+    other = copy.deepcopy(net)
+    params = {k: v.detach().clone().requires_grad_() for k, v in net.named_parameters()}
+    closure = (lambda: F.cross_entropy(other(x), y)) if "method" in kwargs else None
+    for use_copy in (True, False):
+        if use_copy:
+            net(x)  # a recording of activations, for the activation half
+            loss = F.cross_entropy(other(x), y)
+        else:  # this forward records activations the loss does depend on
+            loss = F.cross_entropy(torch.func.functional_call(net, params, (x,)), y)
+        with pytest.raises(RuntimeError, match="does not depend on any of the regularized weights"):
+            penalty.backward(loss, closure)
+    assert all(p.grad is None for p in net.parameters())
+
+
 @pytest.mark.parametrize("make", [
     lambda net: L1GradPenalty(net), lambda net: L1GradPenalty(net, every=2), lambda net: L2GradPenalty(net),
     lambda net: OrthogonalityPenalty(net),
