@@ -181,6 +181,13 @@ def _values(stats: Dict[str, torch.Tensor], sync: bool) -> Dict[str, Union[float
 
 
 # --------------------------------------------------------------------------------------------- hooks
+# How many attached penalties use each twin module, and which twins a penalty made from torch's classes: the
+# last penalty to be removed from a module reverts it, so that removing one of two penalties on a model does not
+# take the twins from the other
+_TWIN_USERS: "weakref.WeakKeyDictionary[nn.Module, int]" = weakref.WeakKeyDictionary()
+_CONVERTED: "weakref.WeakSet[nn.Module]" = weakref.WeakSet()
+
+
 class _InertHook:
     """What a penalty hook becomes in a deep copy or a pickle of the model: a pre-hook that does nothing."""
 
@@ -1042,24 +1049,32 @@ class L1GradPenalty(_GradNormPenalty):
     # ------------------------------------------------------------------ module swaps
     def _convert(self, convert: Callable[[nn.Module], nn.Module], revert: Callable[[nn.Module], nn.Module],
                  kinds: tuple):
-        """Apply an in-place class swap to the model; :meth:`remove` reverts the modules it changed.
+        """Apply an in-place class swap to the model; the last attached penalty to be removed reverts the
+        modules that a penalty converted.
 
-        Twins of ``kinds`` already in the model (``qgrad.nn`` modules, or a copy taken while another penalty
-        was attached, which may carry that penalty's plain-step setting) become this penalty's too: their
-        setting is cleared, and :meth:`remove` leaves their class.
+        Twins of ``kinds`` already in the model (``qgrad.nn`` modules, those of another attached penalty, or
+        a copy taken while a penalty was attached, which may carry its plain-step setting) become this
+        penalty's too: their setting is cleared. :meth:`remove` leaves the class of the twins that no penalty
+        made, and of every twin while another attached penalty still uses it.
         """
         before = {id(m): type(m) for m in self.model.modules()}
         convert(self.model)
         twins = [m for m in self.model.modules() if type(m) in kinds]
-        converted = {id(m) for m in twins if type(m) is not before[id(m)]}
         for m in twins:
             _plain_twin(m, None)
+            _TWIN_USERS[m] = _TWIN_USERS.get(m, 0) + 1
+            if type(m) is not before[id(m)]:
+                _CONVERTED.add(m)
         self._twins += twins
 
         def undo():
             for m in twins:
                 _plain_twin(m, None)
-                if id(m) in converted:
+                users = _TWIN_USERS.pop(m, 1) - 1
+                if users:
+                    _TWIN_USERS[m] = users
+                elif m in _CONVERTED:
+                    _CONVERTED.discard(m)
                     revert(m)
 
         if twins:

@@ -635,6 +635,22 @@ def test_penalties_refuse_copies_and_a_new_penalty_adopts_copied_twins():
     assert all(m.fused_double_backward and "fused_double_backward" not in vars(m) for m in twins)
 
 
+def test_removing_one_of_two_penalties_leaves_the_twins_to_the_other():
+    net = make_net()
+    x, y = make_batch()
+    first = L1GradPenalty(net, weight=0.1, activation=0)
+    second = L1GradPenalty(net, weight=0, activation=0.1, every=2)
+    twin_types = (type(net.conv1), type(net.bn1))
+    assert twin_types != (nn.Conv2d, nn.BatchNorm2d)
+    first.remove()
+    assert (type(net.conv1), type(net.bn1)) == twin_types
+    second.backward(F.cross_entropy(net(x), y))
+    net(x)  # a plain step of every=2 sets the twins' plain-step flag
+    second.remove()
+    assert (type(net.conv1), type(net.bn1)) == (nn.Conv2d, nn.BatchNorm2d)
+    assert not any("fused_double_backward" in vars(m) for m in net.modules())
+
+
 def test_remove_context_manager_and_garbage_collection_restore_hooks():
     net = make_net()
     x, y = make_batch()
