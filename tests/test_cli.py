@@ -259,7 +259,7 @@ def test_ctrl_c_stops_the_demo(tmp_path, capsys, monkeypatch):
     at_steps(monkeypatch, {2}, send(signal.SIGINT))
     out = tmp_path / "demo"
     assert main(["demo", "--quick", "--width", "0.0625", "--out", str(out), "--no-progress"]) == 130
-    assert "qgrad demo: interrupted" in capsys.readouterr().err
+    assert "qgrad demo: interrupted; a demo does not resume: run it again with --overwrite" in capsys.readouterr().err
     assert not (out / "finetune").exists()  # the first stage stopped, and nothing ran after it
 
 
@@ -269,10 +269,12 @@ def test_demo_rejects_unknown_penalty_modes(mode, capsys):
     assert "unknown penalty mode" in capsys.readouterr().err
 
 
-def test_quick_demo(tmp_path, capsys):
-    out = tmp_path / "demo"
-    argv = ["demo", "--quick", "--width", "0.0625", "--out", str(out), "--no-progress"]
+def test_quick_demo(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    out = tmp_path / "qgrad-demo-quick"  # its own default folder: a quick check leaves qgrad-demo to the demo
+    argv = ["demo", "--quick", "--width", "0.0625", "--no-progress"]
     assert main(argv) == 0
+    assert not (tmp_path / "qgrad-demo").exists()
     text = capsys.readouterr().out
     assert "| config (W,A) | baseline acc | l1 acc | baseline KL | l1 KL |" in text
     result = json.loads((out / "demo.json").read_text())

@@ -91,8 +91,11 @@ def main(argv: Optional[List[str]] = None) -> int:
     try:
         return int(args.run(args) or 0)
     except KeyboardInterrupt:
-        hint = "; --resume continues from the last checkpoint" if args.command == "train" else ""
-        print(f"qgrad {args.command}: interrupted{hint}", file=sys.stderr)
+        hints = {
+            "train": "; --resume continues from the last checkpoint",
+            "demo": "; a demo does not resume: run it again with --overwrite to start over",
+        }
+        print(f"qgrad {args.command}: interrupted{hints.get(args.command, '')}", file=sys.stderr)
         return 130
     except EXPECTED_ERRORS as e:
         if debug:

@@ -27,6 +27,7 @@ CONFIGS = ((8, 8), (8, 4), (6, 4), (4, 4), (4, 3), (3, 3), (3, 2), (2, 2))
 QUICK_CONFIGS = ((8, 4), (4, 4), (3, 3))
 MODES = ("exact",)
 RESULT_FILE = "demo.json"
+OUT, QUICK_OUT = "qgrad-demo", "qgrad-demo-quick"
 
 MODEL, DATASET = "vgg_like", "digits"
 WIDTH, BATCH_SIZE = 0.25, 64
@@ -51,7 +52,13 @@ def add_parser(sub, parents) -> None:
             "writes DIR/demo.json and the three run directories."
         ),
     )
-    p.add_argument("--out", default="qgrad-demo", metavar="DIR", help="output folder (default: qgrad-demo)")
+    p.add_argument(
+        "--out",
+        default=None,
+        metavar="DIR",
+        help=f"output folder (default: {OUT}, or {QUICK_OUT} with --quick, so that a quick check does not "
+        "stand in the way of the full demo)",
+    )
     p.add_argument("--seed", type=int, default=0, help="seed of every run (default: 0)")
     p.add_argument("--epochs", type=int, default=None, help=f"baseline epochs (default: {EPOCHS})")
     p.add_argument(
@@ -169,7 +176,7 @@ def run(args: argparse.Namespace) -> int:
         if value < 1:
             raise ValueError(f"{name} must be >= 1, got {value}")
     device = resolve_device(args.device)
-    out = Path(args.out)
+    out = Path(args.out if args.out is not None else (QUICK_OUT if args.quick else OUT))
     _prepare_out(out, args.overwrite)
     train_log = logging.getLogger("qgrad.training")
     level = train_log.level
