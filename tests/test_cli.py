@@ -259,7 +259,8 @@ def test_ctrl_c_stops_the_demo(tmp_path, capsys, monkeypatch):
     at_steps(monkeypatch, {2}, send(signal.SIGINT))
     out = tmp_path / "demo"
     assert main(["demo", "--quick", "--width", "0.0625", "--out", str(out), "--no-progress"]) == 130
-    assert "qgrad demo: interrupted; a demo does not resume: run it again with --overwrite" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "qgrad demo: interrupted; a demo does not resume: run it again with --overwrite" in err
     assert not (out / "finetune").exists()  # the first stage stopped, and nothing ran after it
 
 
