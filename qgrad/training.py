@@ -358,6 +358,8 @@ def find_checkpoint(path: Union[str, os.PathLike]) -> Path:
             if (path / name).is_file():
                 return path / name
         raise CheckpointError(f"run directory {path} holds neither {MODEL_FILE} nor {CHECKPOINT}")
+    if not path.exists():
+        raise CheckpointError(f"no run directory or checkpoint file at {path}")
     return path
 
 

@@ -164,6 +164,18 @@ def test_usage_errors_exit_2(tmp_path, capsys):
     assert main([]) == 2
 
 
+@pytest.mark.parametrize("flags, message", [
+    (["--dataset", "cifar10"], "--dataset cifar10 needs --data-root DIR"),
+    (["--dataset", "digits", "--bits", "4"], "--bits sets the perturbation of --method worst-case"),
+    (["--dataset", "digits", "--every", "4"], "--every and --method are options of --penalty l1; --penalty none"),
+    (["--dataset", "digits", "--penalty", "l2", "--method", "worst-case"], "--penalty l2 takes neither"),
+])
+def test_setting_errors_name_the_flags(tmp_path, capsys, flags, message):
+    assert main(["train", *flags, "--out", str(tmp_path / "run")]) == 1
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
+
+
 def test_sweep_prints_table_and_writes_json(run_dir, tmp_path, capsys):
     out = tmp_path / "sweep.json"
     assert (
@@ -228,7 +240,7 @@ def test_sweep_option_errors(run_dir, tmp_path, capsys):
 
 def test_sweep_of_a_missing_run_is_a_runtime_error(tmp_path, capsys):
     assert main(["sweep", str(tmp_path / "nothing")]) == 1
-    assert str(tmp_path / "nothing") in capsys.readouterr().err
+    assert f"no run directory or checkpoint file at {tmp_path / 'nothing'}" in capsys.readouterr().err
 
 
 def test_quick_demo_with_several_penalty_modes(tmp_path, capsys):

@@ -8,6 +8,7 @@ import signal
 from pathlib import Path
 
 from qgrad import data, models
+from qgrad.data.datasets import ROOT_HINTS
 from qgrad.training import CHECKPOINT, METHODS, PENALTIES, TrainConfig, load_checkpoint, train
 
 DEFAULTS = TrainConfig()
@@ -151,6 +152,25 @@ def add_parser(sub, parents) -> None:
     p.set_defaults(run=run)
 
 
+def _check_flags(settings: dict) -> None:
+    """The usage mistakes that TrainConfig would report by its field names, reported by the flags."""
+    def value(field):
+        return settings.get(field, getattr(DEFAULTS, field))
+
+    dataset = value("dataset")
+    if dataset in ROOT_HINTS and value("data_root") is None:
+        raise ValueError(
+            f"--dataset {dataset} needs --data-root DIR: {ROOT_HINTS[dataset]} (--dataset digits needs no "
+            "download)"
+        )
+    if value("bits") is not None and value("method") != "worst-case":
+        raise ValueError("--bits sets the perturbation of --method worst-case; leave it out for the exact method")
+    if (value("every") != 1 or value("method") != "exact") and value("penalty") != "l1":
+        raise ValueError(
+            f"--every and --method are options of --penalty l1; --penalty {value('penalty')} takes neither"
+        )
+
+
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
     """The run's TrainConfig: the given options over the defaults, or over the stored settings (--resume)."""
     given = {field: getattr(args, field) for _, field, _, _ in _OPTIONS if getattr(args, field) is not None}
@@ -162,7 +182,9 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         stored = load_checkpoint(ckpt).get("config")
         if not isinstance(stored, dict):
             raise ValueError(f"{ckpt} holds no run settings; it was not written by qgrad train")
+        _check_flags({**stored, **given})
         return TrainConfig.from_dict({**stored, **given})
+    _check_flags(given)
     return TrainConfig(**given)
 
 

@@ -31,7 +31,7 @@ CIFAR10_TEST_FILE = "test_batch"
 _CIFAR10_HOW = (
     "download the 'CIFAR-10 python version' archive (cifar-10-python.tar.gz, "
     "https://www.cs.toronto.edu/~kriz/cifar.html), extract it, and pass the extracted "
-    f"'{CIFAR10_FOLDER}' folder or the folder that contains it as root"
+    f"'{CIFAR10_FOLDER}' folder or the folder that contains it"
 )
 
 
@@ -312,7 +312,8 @@ def load_digits(test_fraction: float = 0.2, seed: int = 0) -> ArrayDataset:
 
 
 _LOADERS = ("cifar10", "digits", "imagenet")
-_NEEDS_ROOT = {
+#: What the ``root`` of each dataset that needs one must hold, and how to get it.
+ROOT_HINTS = {
     "cifar10": f"the folder with the python batches; {_CIFAR10_HOW}",
     "imagenet": "the folder that holds train/ and val/, with one sub-folder of images per class in each",
 }
@@ -337,8 +338,8 @@ def load(
     """
     if name not in _LOADERS:
         raise ValueError(f"unknown dataset {name!r}; known datasets: {', '.join(names())}")
-    if name in _NEEDS_ROOT and root is None:
-        raise ValueError(f"dataset {name!r} needs root ({_NEEDS_ROOT[name]})")
+    if name in ROOT_HINTS and root is None:
+        raise ValueError(f"dataset {name!r} needs root ({ROOT_HINTS[name]})")
     if name != "imagenet" and image_size is not None:
         raise ValueError(
             f"image_size applies to image folders; dataset {name!r} has a fixed image size, "
