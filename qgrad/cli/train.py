@@ -164,7 +164,9 @@ def _check_flags(settings: dict) -> None:
             "download)"
         )
     if value("bits") is not None and value("method") != "worst-case":
-        raise ValueError("--bits sets the perturbation of --method worst-case; leave it out for the exact method")
+        raise ValueError(
+            "--bits sets the perturbation of --method worst-case; leave it out for the exact method"
+        )
     if (value("every") != 1 or value("method") != "exact") and value("penalty") != "l1":
         raise ValueError(
             f"--every and --method are options of --penalty l1; --penalty {value('penalty')} takes neither"
