@@ -55,6 +55,9 @@ __all__ = [
 ]
 
 logger = logging.getLogger(__name__)
+#: Without a terminal for the progress bar (output to a file, a cluster's log), a plain line with the epoch's
+#: progress is logged at most this often, so that a long epoch does not pass in silence.
+PROGRESS_LINE_SECONDS = 60.0
 
 CHECKPOINT = "checkpoint.pt"
 MODEL_FILE = "model.pt"
@@ -756,6 +759,8 @@ def _train_epoch(
         batches, total=len(loader), initial=first, desc=desc, leave=False, dynamic_ncols=True,
         disable=None if progress else True,
     )
+    lines = progress and bar.disable  # asked for progress, but no terminal to draw the bar on
+    last_line = time.monotonic()
     for x, y in bar:
         optimizer.zero_grad(set_to_none=True)
         stats = step(x, y)
@@ -781,6 +786,10 @@ def _train_epoch(
                 if penalty_mean is not None:
                     post["pen"] = f"{penalty_mean:.4g}"
                 bar.set_postfix(post, refresh=False)
+            elif lines and steps < len(loader) and time.monotonic() - last_line >= PROGRESS_LINE_SECONDS:
+                last_line = time.monotonic()
+                pen = "" if penalty_mean is None else f", penalty {penalty_mean:.4g}"
+                logger.info("%s: batch %d/%d, train loss %.4f%s", desc, steps, len(loader), mean, pen)
         asked = stop is not None and (not processes.distributed or steps % 10 == 0 or steps == len(loader))
         stopping = asked and stop.agree(processes, device)
         due = checkpoint_every is not None and scheduler.last_epoch % checkpoint_every == 0

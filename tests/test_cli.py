@@ -90,6 +90,19 @@ def test_train_channels_last_and_a_resume_that_keeps_it(tmp_path, capsys):
     assert all(p.is_contiguous() for p in model.parameters())
 
 
+def test_progress_lines_without_a_terminal(tmp_path, capsys, monkeypatch):
+    """With output to a file (here pytest's capture) tqdm draws no bar: plain lines report the epoch's
+    progress instead, at most every PROGRESS_LINE_SECONDS (0 here: at every check, i.e. every 10 steps)."""
+    monkeypatch.setattr(qgrad.training, "PROGRESS_LINE_SECONDS", 0.0)
+    argv = ["train", *[a for a in TINY if a != "--no-progress"], "--batch-size", "32", "--epochs", "1"]
+    assert main([*argv, "--out", str(tmp_path / "run")]) == 0
+    lines = [line for line in capsys.readouterr().out.splitlines() if ": batch " in line]
+    assert [line.split(",")[0] for line in lines] == [f"epoch 1/1: batch {b}/44" for b in (10, 20, 30, 40)]
+    assert all("train loss" in line for line in lines)
+    assert main([*argv, "--no-progress", "--out", str(tmp_path / "quiet")]) == 0
+    assert ": batch " not in capsys.readouterr().out
+
+
 def test_train_refuses_to_overwrite(run_dir, capsys):
     before = (run_dir / "metrics.jsonl").read_text()
     assert main(["train", *TINY, "--epochs", "1", "--out", str(run_dir)]) == 1
