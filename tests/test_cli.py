@@ -77,7 +77,9 @@ def test_train_and_resume(run_dir, capsys):
 def test_train_channels_last_and_a_resume_that_keeps_it(tmp_path, capsys):
     out = tmp_path / "nhwc"
     assert main(["train", *TINY, "--epochs", "2", "--stop-after", "1", "--channels-last", "--out", str(out)]) == 0
+    assert f"continue with: qgrad train --out {out} --resume" in capsys.readouterr().out
     assert main(["train", "--out", str(out), "--resume", "--no-progress"]) == 0
+    assert "continue with" not in capsys.readouterr().out
     config = json.loads((out / "config.json").read_text())
     assert config["channels_last"] is True
     rows = _metrics(out)

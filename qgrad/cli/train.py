@@ -210,8 +210,9 @@ def run(args: argparse.Namespace) -> int:
     if best is not None:
         parts.append(f"best {best:.2f}% (epoch {result['best_epoch']})")
     print(", ".join(parts) + f"; run directory {result['run_dir']}")
-    if result["interrupted"] and not result["finished"]:
+    if not result["finished"]:
         print(f"continue with: qgrad train --out {result['run_dir']} --resume")
+    if result["interrupted"] and not result["finished"]:
         # the shell's code for a process ended by a signal
         return 128 + signal.Signals.__members__.get(result["interrupted"], signal.SIGTERM)
     return 0
