@@ -175,6 +175,24 @@ def test_auto_falls_back_with_one_warning_when_no_kernels(monkeypatch):
     assert torch.equal(y, fake_quant_ref(x, torch.tensor(0.1), torch.tensor(0.0), -7, 7))
 
 
+def test_a_missing_extension_is_explained_by_where_qgrad_was_imported_from(tmp_path, monkeypatch):
+    """Imported from a checkout (python -m qgrad in its root shadows an installed copy) the reason says so;
+    imported from an installation it says how to build the extension."""
+    import sys
+
+    monkeypatch.setitem(sys.modules, "qgrad._C", None)  # the import of qgrad._C raises ImportError
+    checkout = tmp_path / "checkout"
+    (checkout / "qgrad" / "ops").mkdir(parents=True)
+    (checkout / "setup.py").write_text("")
+    monkeypatch.setattr(B, "__file__", str(checkout / "qgrad" / "ops" / "dispatch.py"))
+    ext, why = B._load_ext()
+    assert ext is None and f"imported from the source tree {checkout}" in why and "run from another" in why
+    site = tmp_path / "site-packages"
+    monkeypatch.setattr(B, "__file__", str(site / "qgrad" / "ops" / "dispatch.py"))
+    ext, why = B._load_ext()
+    assert ext is None and "qgrad._C is not installed" in why and "pip install --no-build-isolation ." in why
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="CPU rule")
 def test_auto_on_cpu_never_picks_the_interpreter(monkeypatch):
     monkeypatch.setattr(B, "_AUTO", {})

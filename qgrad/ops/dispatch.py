@@ -29,6 +29,7 @@ import os
 import threading
 import time
 import warnings
+from pathlib import Path
 from typing import Callable, Dict, Iterator, NamedTuple, Optional, Tuple
 
 import torch
@@ -63,6 +64,14 @@ def _load_ext():
     try:
         from qgrad import _C
     except ImportError as exc:
+        package = Path(__file__).resolve().parents[1]
+        if (package.parent / "setup.py").is_file():
+            # python -m qgrad or a script in the root of a checkout imports the checkout, not the installed copy
+            return None, (
+                f"qgrad was imported from the source tree {package.parent}, which holds no compiled extension "
+                f"qgrad._C ({exc}); run from another directory to use an installed qgrad, or build the "
+                "extension inside the checkout with `pip install --no-build-isolation -e .`"
+            )
         return None, f"the compiled extension qgrad._C is not installed ({exc}); {_BUILD_HINT}"
     return _C, ""
 
