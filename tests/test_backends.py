@@ -181,6 +181,7 @@ def test_a_missing_extension_is_explained_by_where_qgrad_was_imported_from(tmp_p
     import sys
 
     monkeypatch.setitem(sys.modules, "qgrad._C", None)  # the import of qgrad._C raises ImportError
+    monkeypatch.delattr(qgrad, "_C", raising=False)
     checkout = tmp_path / "checkout"
     (checkout / "qgrad" / "ops").mkdir(parents=True)
     (checkout / "setup.py").write_text("")
