@@ -457,6 +457,15 @@ def test_non_finite_weights_or_calibration_data_name_the_layer():
         quantize_model(seq_net().eval(), 4, 4, act_range="minmax", calib=x)
 
 
+def test_calibration_batches_of_another_dtype_are_refused():
+    net = seq_net().eval()
+    x = torch.randn(2, 3, 8, 8)
+    for bad in (x.double(), (x * 100).to(torch.uint8)):
+        with pytest.raises(TypeError, match=f"calibration batch 0 has dtype {bad.dtype}, the model's parameters"):
+            quantize_model(net, 4, 4, act_range="minmax", calib=[bad])
+    quantize_model(net, 4, 4, act_range="minmax", calib=[x])
+
+
 def test_quantize_model_errors():
     net = ResBlockNet().eval()
     snap = snapshot(net)

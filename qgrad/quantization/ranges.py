@@ -360,9 +360,17 @@ def calibration_ranges(
                 continue  # a shared layer is hooked once; its stats cover every call
             seen.add(id(m))
             handles.append(m.register_forward_pre_hook(make_hook(name)))
+        dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), None)
         count = 0
         for batch in iter_batches(calib):
-            model(first_tensor(batch).to(device))
+            x = first_tensor(batch)
+            if not x.is_floating_point() or (dtype is not None and x.dtype != dtype):
+                raise TypeError(
+                    f"calibration batch {count} has dtype {x.dtype}, the model's parameters "
+                    f"{dtype if dtype is not None else 'are floating point'}: pass inputs of that dtype, "
+                    "preprocessed as for the model's training (e.g. x.to(torch.float32))"
+                )
+            model(x.to(device))
             count += 1
         if count == 0:
             raise ValueError("calibration data is empty")
