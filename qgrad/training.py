@@ -189,6 +189,28 @@ class TrainConfig:
         return cls(**d)
 
 
+def _setting(field: str, value: Any = None) -> str:
+    return field if value is None else f"{field} {value!r}"
+
+
+def check_penalty_options(
+    penalty: str, every: int, method: str, bits: Optional[int], spell: Callable[..., str] = _setting
+) -> None:
+    """Raise ``ValueError`` where a setting does not apply: ``bits`` outside ``method="worst-case"``,
+    ``every`` or ``method`` outside ``penalty="l1"``. ``spell(field[, value])`` names a setting in the
+    message (the command line names its flags)."""
+    if bits is not None and method != "worst-case":
+        raise ValueError(
+            f"{spell('bits')} sets the perturbation of {spell('method', 'worst-case')}; leave it unset for "
+            "the exact method"
+        )
+    if (every != 1 or method != "exact") and penalty != "l1":
+        raise ValueError(
+            f"{spell('every')} and {spell('method')} are options of {spell('penalty', 'l1')}; "
+            f"{spell('penalty', penalty)} takes neither"
+        )
+
+
 def _check_config(cfg: TrainConfig) -> None:
     def positive_int(name):
         v = getattr(cfg, name)
@@ -249,13 +271,7 @@ def _check_config(cfg: TrainConfig) -> None:
         isinstance(cfg.bits, bool) or not isinstance(cfg.bits, int) or not 2 <= cfg.bits <= 16
     ):
         raise ValueError(f"bits must be an int in [2, 16] or None, got {cfg.bits!r}")
-    if cfg.bits is not None and cfg.method != "worst-case":
-        raise ValueError("bits sets the perturbation of method 'worst-case'; leave it None for 'exact'")
-    if (cfg.every != 1 or cfg.method != "exact") and cfg.penalty != "l1":
-        raise ValueError(
-            f"every and method are options of the l1 penalty; penalty {cfg.penalty!r} takes neither "
-            "(use every=1, method='exact')"
-        )
+    check_penalty_options(cfg.penalty, cfg.every, cfg.method, cfg.bits)
     if cfg.penalty != "none" and cfg.init is None and cfg.penalty_epochs == 0:
         raise ValueError(
             f"penalty {cfg.penalty!r} with penalty_epochs=0 never regularizes; "

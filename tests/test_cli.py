@@ -180,9 +180,9 @@ def test_usage_errors_exit_2(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("flags, message", [
-    (["--dataset", "cifar10"], "--dataset cifar10 needs --data-root DIR"),
+    (["--dataset", "cifar10"], "dataset 'cifar10' needs --data-root DIR (the folder with the python batches"),
     (["--dataset", "digits", "--bits", "4"], "--bits sets the perturbation of --method worst-case"),
-    (["--dataset", "digits", "--every", "4"], "are options of --penalty l1; --penalty none takes neither"),
+    (["--dataset", "digits", "--every", "4"], "--every and --method are options of --penalty l1; --penalty"),
     (["--dataset", "digits", "--penalty", "l2", "--method", "worst-case"], "--penalty l2 takes neither"),
 ])
 def test_setting_errors_name_the_flags(tmp_path, capsys, flags, message):

@@ -472,9 +472,9 @@ def test_config_validation():
             train(TrainConfig(checkpoint_every=bad, out="x"))
     with pytest.raises(ValueError, match="method must be one of"):
         train(TrainConfig(penalty="l1", method="fast", out="x"))
-    with pytest.raises(ValueError, match="options of the l1 penalty"):
+    with pytest.raises(ValueError, match="every and method are options of penalty 'l1'; penalty 'l2' takes"):
         train(TrainConfig(penalty="l2", every=2, out="x"))
-    with pytest.raises(ValueError, match="leave it None for 'exact'"):
+    with pytest.raises(ValueError, match="bits sets the perturbation of method 'worst-case'; leave it unset"):
         train(TrainConfig(penalty="l1", bits=4, out="x"))
     with pytest.raises(ValueError, match=r"bits must be an int in \[2, 16\]"):
         train(TrainConfig(penalty="l1", method="worst-case", bits=1, out="x"))

@@ -8,8 +8,10 @@ import signal
 from pathlib import Path
 
 from qgrad import data, models
-from qgrad.data.datasets import ROOT_HINTS
-from qgrad.training import CHECKPOINT, METHODS, PENALTIES, TrainConfig, load_checkpoint, train
+from qgrad.data.datasets import check_root
+from qgrad.training import (
+    CHECKPOINT, METHODS, PENALTIES, TrainConfig, check_penalty_options, load_checkpoint, train
+)
 
 DEFAULTS = TrainConfig()
 
@@ -152,25 +154,18 @@ def add_parser(sub, parents) -> None:
     p.set_defaults(run=run)
 
 
+def _flag(field: str, value=None) -> str:
+    return f"--{field.replace('_', '-')}" + ("" if value is None else f" {value}")
+
+
 def _check_flags(settings: dict) -> None:
-    """The usage mistakes that TrainConfig would report by its field names, reported by the flags."""
+    """The setting errors that TrainConfig and the data loader would report by their argument names, reported
+    by the flags (before the run directory is made)."""
     def value(field):
         return settings.get(field, getattr(DEFAULTS, field))
 
-    dataset = value("dataset")
-    if dataset in ROOT_HINTS and value("data_root") is None:
-        raise ValueError(
-            f"--dataset {dataset} needs --data-root DIR: {ROOT_HINTS[dataset]} (--dataset digits needs no "
-            "download)"
-        )
-    if value("bits") is not None and value("method") != "worst-case":
-        raise ValueError(
-            "--bits sets the perturbation of --method worst-case; leave it out for the exact method"
-        )
-    if (value("every") != 1 or value("method") != "exact") and value("penalty") != "l1":
-        raise ValueError(
-            f"--every and --method are options of --penalty l1; --penalty {value('penalty')} takes neither"
-        )
+    check_root(value("dataset"), value("data_root"), argument="--data-root DIR")
+    check_penalty_options(value("penalty"), value("every"), value("method"), value("bits"), spell=_flag)
 
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:

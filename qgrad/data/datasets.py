@@ -312,11 +312,18 @@ def load_digits(test_fraction: float = 0.2, seed: int = 0) -> ArrayDataset:
 
 
 _LOADERS = ("cifar10", "digits", "imagenet")
-#: What the ``root`` of each dataset that needs one must hold, and how to get it.
-ROOT_HINTS = {
+# What the root of each dataset that needs one must hold, and how to get it
+_ROOT_HINTS = {
     "cifar10": f"the folder with the python batches; {_CIFAR10_HOW}",
     "imagenet": "the folder that holds train/ and val/, with one sub-folder of images per class in each",
 }
+
+
+def check_root(name: str, root, argument: str = "root") -> None:
+    """Raise ``ValueError`` when dataset ``name`` reads files and no ``root`` folder is given; the message
+    calls the folder ``argument`` (the command line passes its flag) and says what it must hold."""
+    if name in _ROOT_HINTS and root is None:
+        raise ValueError(f"dataset {name!r} needs {argument} ({_ROOT_HINTS[name]})")
 
 
 def names() -> List[str]:
@@ -338,8 +345,7 @@ def load(
     """
     if name not in _LOADERS:
         raise ValueError(f"unknown dataset {name!r}; known datasets: {', '.join(names())}")
-    if name in ROOT_HINTS and root is None:
-        raise ValueError(f"dataset {name!r} needs root ({ROOT_HINTS[name]})")
+    check_root(name, root)
     if name != "imagenet" and image_size is not None:
         raise ValueError(
             f"image_size applies to image folders; dataset {name!r} has a fixed image size, "
