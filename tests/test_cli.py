@@ -74,6 +74,20 @@ def test_train_and_resume(run_dir, capsys):
     assert rows[1]["lr"] == pytest.approx(0.025)
 
 
+def test_init_takes_the_architecture_from_the_run_it_names(run_dir, tmp_path, capsys):
+    """A fine-tune that names neither --model nor --width gets those of the init run (the defaults would be
+    the full-width VGG-like, which the tiny run's weights do not fit); a given flag still wins, and the
+    mismatch it makes is reported."""
+    rest = ["--dataset", "digits", "--epochs", "1", "--batch-size", "64", "--device", "cpu", "--no-progress"]
+    assert main(["train", *rest, "--init", str(run_dir), "--out", str(tmp_path / "ft")]) == 0
+    assert "--model vgg_like --width 0.0625 from the init checkpoint" in capsys.readouterr().err
+    config = json.loads((tmp_path / "ft" / "config.json").read_text())
+    assert (config["model"], config["width"], config["init"]) == ("vgg_like", 0.0625, str(run_dir))
+    narrower = ["--init", str(run_dir), "--width", "0.125", "--out", str(tmp_path / "w")]
+    assert main(["train", *rest, *narrower]) == 1
+    assert "width 0.0625 vs 0.125" in capsys.readouterr().err
+
+
 def test_train_channels_last_and_a_resume_that_keeps_it(tmp_path, capsys):
     out = tmp_path / "nhwc"
     assert main(["train", *TINY, "--epochs", "2", "--stop-after", "1", "--channels-last", "--out", str(out)]) == 0

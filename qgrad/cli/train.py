@@ -5,12 +5,20 @@ from __future__ import annotations
 import argparse
 import os
 import signal
+import sys
 from pathlib import Path
 
 from qgrad import data, models
 from qgrad.data.datasets import check_root
 from qgrad.training import (
-    CHECKPOINT, METHODS, PENALTIES, TrainConfig, check_penalty_options, load_checkpoint, train
+    CHECKPOINT,
+    METHODS,
+    PENALTIES,
+    TrainConfig,
+    check_penalty_options,
+    find_checkpoint,
+    load_checkpoint,
+    train,
 )
 
 DEFAULTS = TrainConfig()
@@ -70,7 +78,13 @@ _OPTIONS = (
         int,
         "regularize only in the last N epochs (with --init the whole run is regularized)",
     ),
-    ("--init", "init", str, "start from the weights of this model.pt/checkpoint.pt or run directory"),
+    (
+        "--init",
+        "init",
+        str,
+        "start from the weights of this model.pt/checkpoint.pt or run directory (a qgrad run's --model and "
+        "--width are taken from it unless given)",
+    ),
     ("--seed", "seed", int, "seed of the initialization and the data order/augmentation"),
     (
         "--device",
@@ -182,7 +196,26 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         _check_flags({**stored, **given})
         return TrainConfig.from_dict({**stored, **given})
     _check_flags(given)
+    if "init" in given:
+        given.update(_architecture_of(given["init"], given))
     return TrainConfig(**given)
+
+
+# what a fine-tune takes from its init checkpoint when the command line does not say
+_ARCHITECTURE = ("model", "width")
+
+
+def _architecture_of(init: str, given: dict) -> dict:
+    """The ``--model``/``--width`` of the qgrad run that wrote ``init``, for those not in ``given`` (nothing
+    for a bare state_dict, such as torchvision's weights file)."""
+    stored = load_checkpoint(find_checkpoint(init)).get("config")
+    if not isinstance(stored, dict):
+        return {}
+    taken = {f: stored[f] for f in _ARCHITECTURE if f not in given and stored.get(f) is not None}
+    if taken:
+        flags = " ".join(_flag(f, v) for f, v in taken.items())
+        print(f"qgrad train: {flags} from the init checkpoint {init}", file=sys.stderr)
+    return taken
 
 
 def run(args: argparse.Namespace) -> int:
