@@ -236,6 +236,22 @@ def test_seeds_are_deferred_to_the_nodes_that_produced_the_tensors():
         torch.testing.assert_close(gx, slope * torch.ones_like(x), rtol=1e-14, atol=0)
 
 
+def test_a_tensor_given_twice_gets_both_seeds():
+    """The same tensor twice in the list (two regularized tensors with one gradient tensor): each occurrence
+    has its seed, whether its producer takes deferred seeds or gets them through a pre-hook."""
+    g = torch.Generator().manual_seed(6)
+    x = torch.randn(3, 5, generator=g, dtype=torch.float64, requires_grad=True)
+    coeff = torch.tensor([0.7, -1.3, 0.4], dtype=torch.float64)
+    for make, plain in ((_Square.apply, lambda t: t * t), (lambda t: t * 3, lambda t: t * 3)):
+        y, other = make(x), x * 2
+        out = multi_l1_norm([y, other, y])
+        (got,) = torch.autograd.grad((out * coeff).sum(), [x])
+        again = plain(x)
+        ref = multi_l1_norm_ref([again, x * 2, again])
+        (expected,) = torch.autograd.grad((ref * coeff).sum(), [x])
+        torch.testing.assert_close(got, expected, rtol=1e-14, atol=0)
+
+
 # ----------------------------------------------------------------------------------------- add_scaled_sign
 def make_sign(shape, seed=0):
     g = torch.Generator().manual_seed(seed)

@@ -227,6 +227,47 @@ def test_activation_fed_to_two_layers_counts_once():
     assert stats["penalty"] == pytest.approx(expected, rel=1e-12)
 
 
+@pytest.mark.parametrize("conv", [False, True])
+def test_activations_that_share_one_gradient_tensor(conv):
+    """``h`` feeds an auxiliary layer whose output this loss does not use, and ``h + 1`` the next layer:
+    autograd hands both the same gradient tensor, and the gradient of the penalty counts both terms."""
+    class Aux(nn.Module):
+        def __init__(self):
+            super().__init__()
+            make = (lambda i, o: nn.Conv2d(i, o, 3, padding=1)) if conv else nn.Linear
+            self.a, self.aux, self.b = make(3, 4), make(4, 2), make(4, 3)
+
+        def forward(self, x):
+            h = torch.tanh(self.a(x))
+            self.aux_out = self.aux(h)
+            out = self.b(h + 1)
+            return out.mean((2, 3)) if conv else out
+
+    torch.manual_seed(0)
+    model = Aux().to(DTYPE)
+    x = torch.randn(4, 3, 5, 5, dtype=DTYPE) if conv else torch.randn(4, 3, dtype=DTYPE)
+    y = torch.randint(0, 3, (4,))
+    penalized = copy.deepcopy(model)
+    L1GradPenalty(penalized, weight=0.3, activation=0.2).backward(F.cross_entropy(penalized(x), y))
+
+    h = torch.tanh(model.a(x))
+    model.aux(h)
+    h1 = h + 1
+    out = model.b(h1)
+    loss = F.cross_entropy(out.mean((2, 3)) if conv else out, y)
+    weights = [model.a.weight, model.aux.weight, model.b.weight]
+    grads = torch.autograd.grad(loss, weights + [h, h1], create_graph=True, allow_unused=True)
+    assert grads[3] is grads[4]  # the case under test
+    reg = 0.3 * sum(g.abs().sum() for g in grads[:3] if g is not None)
+    reg = reg + 0.2 * (grads[3].abs().sum() + grads[4].abs().sum())
+    (loss + reg).backward()
+    for name, p in model.named_parameters():
+        expected = p.grad if p.grad is not None else torch.zeros_like(p)
+        got = penalized.get_parameter(name).grad
+        got = got if got is not None else torch.zeros_like(p)
+        assert rel_err(got, expected) < 1e-10, name
+
+
 def test_explicit_params_and_tied_weights():
     net = make_net()
     x, y = make_batch()

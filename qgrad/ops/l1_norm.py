@@ -291,6 +291,12 @@ class MultiL1NormFn(torch.autograd.Function):
                 seeds = getattr(node, _SEEDS, None)
                 if seeds is None:
                     seeds = hooked.setdefault(node, {})
+                if k in seeds:
+                    # the same tensor once more (a gradient that two regularized tensors share, as where one
+                    # reaches the loss only through `+ c` or `.clone()` of the other): a node keeps one seed
+                    # per output, so this one is handed back now; the engine adds it to the other's stand-in
+                    out.append(add_scaled_sign(s, grad[i], dtype=dtype))
+                    continue
                 seeds[k] = (s, grad[i], dtype, stand_in)
                 out.append(stand_in)
             else:
