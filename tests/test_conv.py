@@ -97,8 +97,9 @@ MODULES = [
 ]
 
 
+@pytest.mark.parametrize("batched", [True, False])
 @pytest.mark.parametrize("index", range(len(MODULES)))
-def test_module_swap_is_transparent(index):
+def test_module_swap_is_transparent(index, batched):
     module, shape, twin = MODULES[index]
     torch.manual_seed(index)
     module = copy.deepcopy(module).double()
@@ -109,7 +110,8 @@ def test_module_swap_is_transparent(index):
     assert type(module) is twin and isinstance(module, type(reference)) and repr(module) == repr(reference)
     assert [id(p) for p in module.parameters()] == params
     assert all(torch.equal(v, state[k]) for k, v in module.state_dict().items())
-    x = torch.randn(shape, dtype=torch.float64, requires_grad=True)
+    # torch's convolutions also take one sample without the batch dimension
+    x = torch.randn(shape if batched else shape[1:], dtype=torch.float64, requires_grad=True)
     y, first, second = second_order(lambda x_, w_, b_: module(x_), x, module.weight, module.bias)
     y_ref, first_ref, second_ref = second_order(lambda x_, w_, b_: reference(x_), x, reference.weight,
                                                 reference.bias)
@@ -151,6 +153,8 @@ def test_subclasses_are_left_alone_and_errors():
         conv(torch.ones(2, 3), torch.ones(3, 3))
     with pytest.raises(ValueError, match="stride must be an int or a sequence of 2 ints"):
         conv(torch.ones(1, 1, 4, 4), torch.ones(1, 1, 1, 1), stride=(1, 1, 1))
+    with pytest.raises(RuntimeError, match="Expected 3D .unbatched. or 4D .batched. input to conv2d"):
+        model[1](torch.ones(1, 1, 3, 4, 4))  # torch's own message for a wrong rank
 
 
 @pytest.mark.parametrize("training", [True, False])

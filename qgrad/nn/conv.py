@@ -3,7 +3,7 @@
 :class:`Conv1d`, :class:`Conv2d` and :class:`Conv3d` subclass their ``torch.nn`` namesakes and change only the
 function the forward calls (:func:`qgrad.ops.conv.conv` instead of ``torch.nn.functional.conv{1,2,3}d``).
 Everything else is torch's: constructor arguments, parameters, ``state_dict`` keys, ``repr``, hooks,
-``padding_mode`` (non-zero modes pad with ``F.pad`` first, as torch does). Outputs and first gradients are
+``padding_mode`` (non-zero modes pad with ``F.pad`` first, as torch does), unbatched inputs. Outputs and first gradients are
 bit-identical to torch's module; only the second derivative (what the gradient-norm penalties of
 :mod:`qgrad.penalties` differentiate) runs through the direct formulas of :mod:`qgrad.ops.conv`. String
 padding (``"same"``, ``"valid"``) is passed to torch's own forward unchanged, and so is every input of a
@@ -42,8 +42,11 @@ def _forward(self: nn.modules.conv._ConvNd, input: Tensor) -> Tensor:
 def _conv_forward(
     self: nn.modules.conv._ConvNd, input: Tensor, weight: Tensor, bias: Optional[Tensor]
 ) -> Tensor:
-    if isinstance(self.padding, str) or not self.fused_double_backward or functorch_active():
+    if (isinstance(self.padding, str) or not self.fused_double_backward or functorch_active()
+            or input.dim() not in (weight.dim(), weight.dim() - 1)):  # torch reports a wrong rank
         return super(type(self), self)._conv_forward(input, weight, bias)
+    if input.dim() < weight.dim():  # one unbatched sample (C, *spatial), as torch's convolutions take it
+        return self._conv_forward(input.unsqueeze(0), weight, bias).squeeze(0)
     padding = self.padding
     if self.padding_mode != "zeros":
         input = F.pad(input, self._reversed_padding_repeated_twice, mode=self.padding_mode)
