@@ -3,8 +3,8 @@
 :class:`Conv1d`, :class:`Conv2d` and :class:`Conv3d` subclass their ``torch.nn`` namesakes and change only the
 function the forward calls (:func:`qgrad.ops.conv.conv` instead of ``torch.nn.functional.conv{1,2,3}d``).
 Everything else is torch's: constructor arguments, parameters, ``state_dict`` keys, ``repr``, hooks,
-``padding_mode`` (non-zero modes pad with ``F.pad`` first, as torch does), unbatched inputs. Outputs and first gradients are
-bit-identical to torch's module; only the second derivative (what the gradient-norm penalties of
+``padding_mode`` (non-zero modes pad with ``F.pad`` first, as torch does), unbatched inputs. Outputs and first
+gradients are bit-identical to torch's module; only the second derivative (what the gradient-norm penalties of
 :mod:`qgrad.penalties` differentiate) runs through the direct formulas of :mod:`qgrad.ops.conv`. String
 padding (``"same"``, ``"valid"``) is passed to torch's own forward unchanged, and so is every input of a
 module whose ``fused_double_backward`` attribute is False (:class:`qgrad.penalties.L1GradPenalty` sets it for
