@@ -12,6 +12,9 @@ Modes (``lambda_w = lambda_y = 0.05``, BatchNorm in training mode):
   runs, minus qgrad's fused l1 norms);
 * ``exact_qgrad``: ``L1GradPenalty`` (fused BatchNorm and convolution double backward, fused l1 norms);
 * ``exact_qgrad_weights``: the same on the weights only (``activation=0``);
+* ``exact_qgrad_recompute``: ``exact_qgrad`` with ``recompute=model.recompute_segments()`` (the forward's
+  saved tensors of every residual block / Conv-BN-ReLU unit dropped and recomputed when needed: less memory,
+  more time);
 * ``every4``: ``L1GradPenalty(every=4)``: the time of 4 consecutive steps (one penalized, three plain) / 4;
 * ``worst_case``: ``L1GradPenalty(method="worst-case")`` (h = 1e-3).
 
@@ -78,7 +81,9 @@ WIDTH, BATCH = (1.0, 128) if CUDA else (0.25, 32)
 MODELS = ["vgg_like", "resnet18", "resnet18_imagenet"]
 # (input side, classes) per model
 DATA = {"vgg_like": (32, 10), "resnet18": (32, 10), "resnet18_imagenet": (224 if CUDA else 64, 1000)}
-MODES = ["exact_autograd", "exact_qgrad", "exact_qgrad_weights", "every4", "worst_case"]
+MODES = [
+    "exact_autograd", "exact_qgrad", "exact_qgrad_weights", "exact_qgrad_recompute", "every4", "worst_case"
+]
 DTYPES = ["float32", "bfloat16"] if CUDA else ["float32"]
 LAMBDA = 0.05
 # a GPU step takes milliseconds: more rounds, and warm-up for cuDNN's algorithm search and Triton's compiles
@@ -138,6 +143,9 @@ def _setup(name, mode, dtype):
         "exact_autograd": lambda: _AutogradPenalty(model),
         "exact_qgrad": lambda: L1GradPenalty(model, weight=LAMBDA, activation=LAMBDA),
         "exact_qgrad_weights": lambda: L1GradPenalty(model, weight=LAMBDA, activation=0.0),
+        "exact_qgrad_recompute": lambda: L1GradPenalty(
+            model, weight=LAMBDA, activation=LAMBDA, recompute=model.recompute_segments()
+        ),
         # with graphs, L1GradPenalty(every=4)'s steps come from two graphs (it picks each step's kind in
         # Python, which a replay cannot): 4x the coefficients on one step in 4, plain steps between
         "every4": lambda: (

@@ -3,6 +3,8 @@ one (7x7 stride-2 stem and a 3x3 stride-2 max-pool, for 224x224 images)."""
 
 from __future__ import annotations
 
+from typing import List
+
 from torch import Tensor, nn
 from torch.nn import functional as F
 
@@ -102,6 +104,12 @@ class ResNet18(nn.Module):
         self.pool = nn.AdaptiveAvgPool2d(1)
         self.fc = nn.Linear(channels, num_classes)
         init_weights(self)
+
+    def recompute_segments(self) -> List[List[nn.Module]]:
+        """The segments for ``L1GradPenalty(recompute=...)``: the stem's convolution and BatchNorm, then each
+        residual block."""
+        blocks = [block for i in range(1, 5) for block in getattr(self, f"layer{i}")]
+        return [[self.conv1, self.bn1], *[[block] for block in blocks]]
 
     def forward(self, x: Tensor) -> Tensor:
         out = self.pool1(F.relu(self.bn1(self.conv1(x))))

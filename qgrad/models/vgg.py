@@ -5,6 +5,8 @@
 
 from __future__ import annotations
 
+from typing import List
+
 from torch import Tensor, nn
 
 from qgrad.models._common import check_model_args, init_weights, scaled
@@ -64,6 +66,17 @@ class VGGLike(nn.Module):
             nn.Linear(hidden, num_classes),
         )
         init_weights(self)
+
+    def recompute_segments(self) -> List[List[nn.Module]]:
+        """The segments for ``L1GradPenalty(recompute=...)``: each Conv-BN-ReLU unit (with its max-pool), and
+        the hidden Linear-BN-ReLU of the classifier."""
+        units, unit = [], []
+        for m in self.features:
+            if isinstance(m, nn.Conv2d) and unit:
+                units.append(unit)
+                unit = []
+            unit.append(m)
+        return [*units, unit, list(self.classifier[1:4])]
 
     def forward(self, x: Tensor) -> Tensor:
         return self.classifier(self.pool(self.features(x)))
