@@ -88,6 +88,18 @@ def test_init_takes_the_architecture_from_the_run_it_names(run_dir, tmp_path, ca
     assert "width 0.0625 vs 0.125" in capsys.readouterr().err
 
 
+def test_recompute_trains_the_same_weights(tmp_path, capsys):
+    """--recompute changes where the step's memory goes, not the step: the same weights, bit for bit."""
+    runs = []
+    for flags in ([], ["--recompute"]):
+        out = tmp_path / ("recompute" if flags else "kept")
+        assert main(["train", *TINY, "--epochs", "1", "--penalty", "l1", "--penalty-epochs", "1", *flags,
+                     "--out", str(out)]) == 0
+        runs.append(torch.load(out / "model.pt", weights_only=True)["model"])
+    assert json.loads((tmp_path / "recompute" / "config.json").read_text())["recompute"] is True
+    assert runs[0].keys() == runs[1].keys() and all(torch.equal(runs[0][k], runs[1][k]) for k in runs[0])
+
+
 def test_train_channels_last_and_a_resume_that_keeps_it(tmp_path, capsys):
     out = tmp_path / "nhwc"
     assert main(["train", *TINY, "--epochs", "2", "--stop-after", "1", "--channels-last", "--out", str(out)]) == 0
@@ -198,6 +210,8 @@ def test_usage_errors_exit_2(tmp_path, capsys):
     (["--dataset", "digits", "--bits", "4"], "--bits sets the perturbation of --method worst-case"),
     (["--dataset", "digits", "--every", "4"], "--every and --method are options of --penalty l1; --penalty"),
     (["--dataset", "digits", "--penalty", "l2", "--method", "worst-case"], "--penalty l2 takes neither"),
+    (["--dataset", "digits", "--penalty", "l1", "--method", "worst-case", "--recompute"],
+     "--recompute lowers the memory of --penalty l1 with --method exact; --penalty l1 with --method"),
 ])
 def test_setting_errors_name_the_flags(tmp_path, capsys, flags, message):
     assert main(["train", *flags, "--out", str(tmp_path / "run")]) == 1

@@ -102,6 +102,13 @@ _OPTIONS = (
     ),
     ("--channels-last", "channels_last", bool, "weights and image batches in channels-last (NHWC) memory layout"),
     (
+        "--recompute",
+        "recompute",
+        bool,
+        "exact l1 only: recompute the forward's tensors of each residual block / Conv-BN-ReLU unit in the "
+        "backward instead of keeping them (the same steps with less memory and more time)",
+    ),
+    (
         "--cuda-graph",
         "cuda_graph",
         bool,
@@ -179,7 +186,9 @@ def _check_flags(settings: dict) -> None:
         return settings.get(field, getattr(DEFAULTS, field))
 
     check_root(value("dataset"), value("data_root"), argument="--data-root DIR")
-    check_penalty_options(value("penalty"), value("every"), value("method"), value("bits"), spell=_flag)
+    check_penalty_options(
+        value("penalty"), value("every"), value("method"), value("bits"), value("recompute"), spell=_flag
+    )
 
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
