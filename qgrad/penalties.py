@@ -900,8 +900,9 @@ class L1GradPenalty(_GradNormPenalty):
         without it (the tests check this). Activations are then recorded as gradient edges, not tensors.
         Measured (CPU, width 0.25, batch 32, one thread): peak memory 1.55x a plain step for ResNet-18
         (2.13x without) and 1.74x for VGG-like (2.15x), whose Conv-BN-ReLU units keep half of the saved
-        tensors as segment inputs; step time 4.3x a plain step against 3.3x for ResNet-18 (about three more
-        forwards of each segment per step). Only penalized steps recompute (the plain steps of ``every > 1``
+        tensors as segment inputs; step time (interleaved medians of two runs) 4.3-4.6x a plain step against
+        3.1-3.3x for ResNet-18, 4.2x against 2.8x for VGG-like (about three more forwards of each segment per
+        step). Only penalized steps recompute (the plain steps of ``every > 1``
         keep their tensors). A backward after a later forward with grad enabled (the segments' inputs are then
         gone) raises ``RuntimeError``.
 

@@ -148,7 +148,7 @@ class TrainConfig:
             segments (``model.recompute_segments()``: ResNet-18's residual blocks, VGG-like's Conv-BN-ReLU
             units) and recompute them in the backward (:class:`qgrad.penalties.L1GradPenalty`'s
             ``recompute``): the same steps bit for bit, with less memory (ResNet-18: 1.55x a plain step's peak
-            instead of 2.13x on a CPU) and more time (4.3x a plain step instead of 3.3x). Not with
+            instead of 2.13x on a CPU) and more time (4.3-4.6x a plain step instead of 3.1-3.3x). Not with
             ``cuda_graph``.
         cuda_graph: run the forward and backward of every training step as a replayed CUDA graph
             (:class:`qgrad.cuda_graph.GraphedStep`; with ``every > 1`` one graph for the penalized steps and
