@@ -66,7 +66,7 @@ from torch.overrides import TorchFunctionMode
 from qgrad.nn.batch_norm import BatchNorm1d, BatchNorm2d, BatchNorm3d, convert_batchnorm, revert_batchnorm
 from qgrad.nn.conv import Conv1d, Conv2d, Conv3d, convert_conv, revert_conv
 from qgrad.ops.l1_norm import add_scaled_sign, l1_norm_sign, multi_l1_norm
-from qgrad.recompute import SegmentRecomputation
+from qgrad.recompute import CAPTURE_REFUSED, SegmentRecomputation
 
 __all__ = ["L1GradPenalty", "L2GradPenalty", "OrthogonalityPenalty"]
 
@@ -1254,6 +1254,8 @@ class L1GradPenalty(_GradNormPenalty):
                 "L1GradPenalty with every * the coefficients and every=1, and a plain step, as two graphs "
                 "(see qgrad.GraphedStep)"
             )
+        if self._segments is not None and loss.is_cuda and torch.cuda.is_current_stream_capturing():
+            raise RuntimeError(CAPTURE_REFUSED)
         applied = self._calls % self._every == 0
         if applied and self._method == "worst-case" and not callable(closure):
             raise TypeError(

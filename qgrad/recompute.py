@@ -40,6 +40,10 @@ from torch.autograd.graph import saved_tensors_hooks
 
 __all__ = ["SegmentRecomputation"]
 
+CAPTURE_REFUSED = (
+    "L1GradPenalty(recompute=...) recomputes segments in Python hooks during the backward, which a CUDA "
+    "graph's replay would not run; capture the penalty without recompute"
+)
 _MIN_NUMEL = 4096  # smaller saved tensors (statistics, tiny maps) are kept: dropping them would save little
 
 
@@ -176,6 +180,8 @@ class SegmentRecomputation:
             if not self._calls:
                 self._kept = {p.data_ptr() for p in self._model.parameters()}
             tensors = [a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor)]
+            if any(t.is_cuda for t in tensors) and torch.cuda.is_current_stream_capturing():
+                raise RuntimeError(CAPTURE_REFUSED)
             self._kept.update(t.data_ptr() for t in tensors)
             devices = sorted({t.device.index for t in tensors if t.is_cuda})
             device = tensors[0].device.type if tensors else "cpu"

@@ -311,6 +311,18 @@ def test_every_k_refuses_to_be_captured():
 
 @pytest.mark.gpu
 @needs_cuda
+def test_recompute_refuses_to_be_captured():
+    model, _ = _setup("plain", torch.float32)
+    penalty = L1GradPenalty(model, 0.05, 0.05, recompute=model.recompute_segments())
+    step = GraphedStep(lambda x, y: penalty.backward(F.cross_entropy(model(x), y), sync=False),
+                       model.parameters(), warmup=1)
+    step(*_batch(0))
+    with pytest.raises(RuntimeError, match="capture the penalty without recompute"):
+        step(*_batch(1))
+
+
+@pytest.mark.gpu
+@needs_cuda
 @pytest.mark.parametrize("every", [1, 2])
 def test_training_with_cuda_graph(every, tmp_path, monkeypatch):
     """qgrad train --cuda-graph: a plain epoch, then a penalized one, each replaying graphs of its own (with
