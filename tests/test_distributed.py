@@ -30,6 +30,7 @@ MODES = [
     ("exact", {}, "backward"),
     ("exact, penalty(loss)", {}, "call"),
     ("every=2", {"every": 2}, "backward"),
+    ("exact, recompute", {"recompute": True}, "backward"),
     ("worst-case", {"method": "worst-case", "h": 1e-2}, "backward"),
     ("worst-case, penalty(loss, closure)", {"method": "worst-case", "h": 1e-2}, "call"),
     ("worst-case, bits=4", {"method": "worst-case", "bits": 4}, "backward"),
@@ -68,7 +69,12 @@ def _worker(rank: int, init_file: str) -> None:
         for name, kwargs, via in MODES:
             alone, model = _model(), _model()
             ddp = nn.parallel.DistributedDataParallel(model)
-            penalties = (L1GradPenalty(alone, **kwargs), L1GradPenalty(ddp, **kwargs))
+            def options(inner):  # recompute: the model's two Conv-BN-ReLU units
+                if "recompute" not in kwargs:
+                    return kwargs
+                return {**kwargs, "recompute": [list(inner[:3]), list(inner[3:6])]}
+
+            penalties = (L1GradPenalty(alone, **options(alone)), L1GradPenalty(ddp, **options(model)))
             # two steps: every=2 takes a penalized and a plain one
             for x, y in batches:
                 alone.zero_grad()
