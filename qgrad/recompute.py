@@ -60,11 +60,12 @@ class _Handle:
 class _Call:
     """What running one segment again needs: its chain, inputs, random number states and autocast setting."""
 
-    __slots__ = ("chain", "args", "kwargs", "rng", "autocast", "output")
+    __slots__ = ("chain", "args", "kwargs", "rng", "autocast", "output", "saved")
 
     def __init__(self, chain, args, kwargs, rng, autocast):
         self.chain, self.args, self.kwargs, self.rng, self.autocast = chain, args, kwargs, rng, autocast
         self.output: Optional[weakref.ref] = None  # the segment's output, while something else holds it
+        self.saved: List[Optional[tuple]] = []  # (shape, dtype) of each dropped tensor, None for kept ones
 
 
 def _key(t: torch.Tensor) -> Tuple[int, Tuple[int, ...], Tuple[int, ...], torch.dtype]:
@@ -150,6 +151,7 @@ class SegmentRecomputation:
                 if i:
                     self._handles.append(m.register_forward_pre_hook(self._linker(chain, i)))
                 self._handles.append(m.register_forward_hook(self._closer(chain, i), always_call=True))
+        self._handles.append(model.register_forward_hook(self._at_end, always_call=True))
         self.reset()
 
     # ------------------------------------------------------------------ step state
@@ -224,6 +226,17 @@ class SegmentRecomputation:
 
         return hook
 
+    def _at_end(self, module, args, output):
+        # a chain whose later modules did not run would take in the rest of the forward, which running the
+        # chain again cannot reproduce
+        if self._open is not None:
+            names = [type(m).__name__ for m in self._open[0]]
+            self._close()
+            raise RuntimeError(
+                f"recompute: the chain {names} was still open at the end of the model's forward: its modules "
+                "must run one right after the other, each on the previous one's output"
+            )
+
     def _close(self) -> None:
         _, context = self._open
         self._open, self._last = None, None
@@ -237,7 +250,12 @@ class SegmentRecomputation:
     def _pack(self, t: torch.Tensor):
         k = self._count
         self._count += 1
-        return _Handle(self._forward, len(self._calls) - 1, k) if self._droppable(t) else t
+        call = self._calls[-1]
+        if not self._droppable(t):
+            call.saved.append(None)
+            return t
+        call.saved.append((t.shape, t.dtype))
+        return _Handle(self._forward, len(self._calls) - 1, k)
 
     def _unpack(self, saved):
         if not isinstance(saved, _Handle):
@@ -305,6 +323,12 @@ class SegmentRecomputation:
                 # .data: the restore must not bump version counters that the step's graph may check
                 for b, s in zip(buffers, saved):
                     b.data.copy_(s)
+        if [None if t is None else (t.shape, t.dtype) for t in captured] != call.saved:
+            raise RuntimeError(
+                f"recompute: running segment {[type(m).__name__ for m in call.chain]} again saved other "
+                "tensors than its forward did; a segment's forward must do the same on the same input (no "
+                "data-dependent branches), and a chain's modules must run one right after the other"
+            )
         # the original output is not aliased: a first-backward node that saves it keeps it (alive anyway)
         self._alias = {
             _key(t): _Handle(self._forward, i, k)

@@ -76,6 +76,7 @@ class _Shared(nn.Module):
         self.unit = _Unit(8)
         self.conv, self.bn, self.relu = nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU()
         self.fc = nn.Linear(8, 4)
+        self.spare = nn.ReLU()  # not called
 
     def forward(self, x):
         h = self.unit(self.unit(self.stem(x)))
@@ -151,6 +152,15 @@ def test_errors_and_remove():
     with pytest.raises(RuntimeError, match="did not get the output of module 0"):
         model(x)
     chain.remove()
+
+    # a chain whose second module never runs
+    shared = _Shared()
+    lost = L1GradPenalty(shared, 0.05, 0.05, recompute=[[shared.stem, shared.spare]])
+    x_small, y_small = _batches(1, (4, 3, 12, 12), 4, torch.float32)[0]
+    with pytest.raises(RuntimeError, match="was still open at the end of the model's forward"):
+        shared(x_small)
+    lost.remove()
+    shared(x_small)  # the model runs as before
 
     hooks = sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules())
     penalty = L1GradPenalty(model, recompute=segments)
