@@ -130,6 +130,27 @@ def test_a_backward_after_a_new_forward_is_a_clear_error():
         total.backward()
 
 
+class _Fickle(nn.Module):
+    """Takes another path at every call: running it again does not save what its forward saved."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.calls = nn.Conv2d(3, 8, 3, padding=1), 0
+
+    def forward(self, x):
+        self.calls += 1
+        h = self.conv(x)
+        return torch.sin(torch.cat([h, h], 1) if self.calls % 2 else h).mean((1, 2, 3)).unsqueeze(1)
+
+
+def test_a_segment_that_runs_differently_again_is_an_error():
+    model = nn.Sequential(_Fickle(), nn.Linear(1, 3))
+    penalty = L1GradPenalty(model, 0.05, 0.05, recompute=[model[0]])
+    x, y = _batches(1, (4, 3, 32, 32), 3, torch.float32)[0]
+    with pytest.raises(RuntimeError, match="saved other tensors than its forward did"):
+        penalty.backward(F.cross_entropy(model(x), y))
+
+
 def test_errors_and_remove():
     model = qgrad.models.get("resnet18", num_classes=5, width=0.0625)
     segments = model.recompute_segments()
