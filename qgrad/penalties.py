@@ -902,9 +902,10 @@ class L1GradPenalty(_GradNormPenalty):
         (2.13x without) and 1.74x for VGG-like (2.15x), whose Conv-BN-ReLU units keep half of the saved
         tensors as segment inputs; step time (interleaved medians of two runs) 4.3-4.6x a plain step against
         3.1-3.3x for ResNet-18, 4.2x against 2.8x for VGG-like (about three more forwards of each segment per
-        step). Only penalized steps recompute (the plain steps of ``every > 1``
-        keep their tensors). A backward after a later forward with grad enabled (the segments' inputs are then
-        gone) raises ``RuntimeError``.
+        step). Only penalized steps recompute (the plain steps of ``every > 1`` keep their tensors). A
+        backward after a later forward with grad enabled (the segments' inputs are then gone), a chain whose
+        modules do not run one right after the other, and a segment that saves other tensors when run again
+        raise ``RuntimeError``; CUDA graph capture is refused.
 
     Fused BatchNorm and convolutions (``fused_batchnorm=True``, ``fused_conv=True``)
         Construction calls :func:`qgrad.nn.batch_norm.convert_batchnorm` and
