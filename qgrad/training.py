@@ -28,6 +28,7 @@ import math
 import os
 import pickle
 import signal
+import socket
 import tempfile
 import threading
 import time
@@ -61,6 +62,7 @@ PROGRESS_LINE_SECONDS = 60.0
 
 CHECKPOINT = "checkpoint.pt"
 MODEL_FILE = "model.pt"
+LOCK_FILE = ".lock"  # "PID HOST" of the process training in a run directory
 CONFIG_FILE = "config.json"
 METRICS_FILE = "metrics.jsonl"
 
@@ -919,23 +921,98 @@ def train(
     ):
         raise ValueError(f"stop_after must be a positive int or None, got {stop_after!r}")
     run_dir = Path(config.out)
-    ckpt_path = run_dir / CHECKPOINT
-    if resume and not ckpt_path.is_file():
-        raise TrainingError(f"nothing to resume: {ckpt_path} does not exist")
-    if not resume and ckpt_path.exists():
-        raise TrainingError(
-            f"{run_dir} already holds a checkpoint ({ckpt_path}); "
-            "resume it with --resume or choose another --out"
-        )
+    _check_run_dir(run_dir, resume)
     # Read init before the data, so that an unusable file fails fast.
     init_state = None
     if config.init is not None and not resume:
         init_state = load_checkpoint(find_checkpoint(config.init))
     processes, device = join(resolve_device(config.device))
     try:
-        return _run(config, resume, stop_after, init_state, processes, device, progress)
+        with _run_dir_lock(run_dir) if processes.main else contextlib.nullcontext():
+            _check_run_dir(run_dir, resume)  # again: another run may have written it meanwhile
+            return _run(config, resume, stop_after, init_state, processes, device, progress)
     finally:
         processes.close()
+
+
+def _check_run_dir(run_dir: Path, resume: bool) -> None:
+    """A new run needs a directory without a run's files; a resumed one needs its checkpoint."""
+    ckpt_path = run_dir / CHECKPOINT
+    if run_dir.exists() and not run_dir.is_dir():
+        raise TrainingError(f"--out {run_dir} is a file; give a directory (it is created if needed)")
+    if resume:
+        if not ckpt_path.is_file():
+            raise TrainingError(f"nothing to resume: {ckpt_path} does not exist")
+        return
+    if ckpt_path.exists():
+        raise TrainingError(
+            f"{run_dir} already holds a checkpoint ({ckpt_path}); resume it with --resume or choose another "
+            "--out"
+        )
+    metrics = run_dir / METRICS_FILE
+    held = [p.name for p in (run_dir / MODEL_FILE, metrics) if p.is_file() and p.stat().st_size > 0]
+    if held:
+        raise TrainingError(
+            f"{run_dir} already holds a run ({', '.join(held)}) without a checkpoint to resume; choose "
+            "another --out (or move those files away to start over there)"
+        )
+
+
+def _lock_owner(lock: Path) -> Optional[Tuple[int, str]]:
+    try:
+        pid, host = lock.read_text(encoding="utf-8").split()
+        return int(pid), host
+    except (OSError, ValueError):
+        return None
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
+@contextlib.contextmanager
+def _run_dir_lock(run_dir: Path):
+    """Hold ``run_dir/.lock`` while training: a second run (or resume) into the same directory is refused
+    instead of interleaving its files with this one's. A lock left by a process that is gone (killed) is
+    taken over: silently when it was on this machine, with a warning when it names another one, which this
+    process cannot check (a cluster job resumed elsewhere after its node failed)."""
+    created = not run_dir.exists()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    lock = run_dir / LOCK_FILE
+    host = socket.gethostname()
+    for attempt in range(2):
+        try:
+            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            break
+        except FileExistsError:
+            owner = _lock_owner(lock)
+            if attempt == 0 and owner is not None and owner[1] == host and _alive(owner[0]):
+                raise TrainingError(
+                    f"{run_dir} is in use by process {owner[0]} on this machine (its lock file {lock}); "
+                    "wait for that run to end, or choose another --out"
+                ) from None
+            if attempt == 1:
+                raise TrainingError(f"cannot take the lock file {lock} of {run_dir}") from None
+            if owner is not None and owner[1] != host:
+                logger.warning(
+                    "%s holds the lock of process %d on host %s, which cannot be checked from here; taking "
+                    "it over (if that run is still going, stop one of the two)", run_dir, owner[0], owner[1],
+                )
+            lock.unlink(missing_ok=True)
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
+        f.write(f"{os.getpid()} {host}\n")
+    try:
+        yield
+    finally:
+        lock.unlink(missing_ok=True)
+        if created and not any(run_dir.iterdir()):  # a run that failed before writing anything
+            run_dir.rmdir()
 
 
 def _run(config, resume, stop_after, init_state, processes, device, progress) -> Dict[str, Any]:

@@ -4,6 +4,7 @@ import argparse
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -138,6 +139,39 @@ def test_train_refuses_to_overwrite(run_dir, capsys):
     assert "already holds a checkpoint" in err and "--resume" in err and "Traceback" not in err
     assert len(err.strip().splitlines()) == 1
     assert (run_dir / "metrics.jsonl").read_text() == before
+
+
+def test_a_run_without_checkpoint_and_a_file_are_not_overwritten(run_dir, tmp_path, capsys):
+    """A finished run whose checkpoint.pt was deleted (model.pt and metrics kept) is a run too."""
+    kept = tmp_path / "kept"
+    kept.mkdir()
+    for name in ("model.pt", "metrics.jsonl", "config.json"):
+        (kept / name).write_bytes((run_dir / name).read_bytes())
+    before = (kept / "model.pt").read_bytes()
+    assert main(["train", *TINY, "--epochs", "1", "--out", str(kept)]) == 1
+    assert "already holds a run (model.pt, metrics.jsonl) without a checkpoint" in capsys.readouterr().err
+    assert (kept / "model.pt").read_bytes() == before
+    assert main(["train", *TINY, "--epochs", "1", "--out", str(kept / "model.pt")]) == 1
+    assert "is a file; give a directory" in capsys.readouterr().err
+
+
+def test_a_run_directory_in_use_is_refused_and_a_stale_lock_taken_over(tmp_path, capsys):
+    busy = tmp_path / "busy"
+    busy.mkdir()
+    (busy / ".lock").write_text(f"{os.getpid()} {socket.gethostname()}\n")  # a live process of this machine
+    assert main(["train", *TINY, "--epochs", "1", "--out", str(busy)]) == 1
+    assert f"is in use by process {os.getpid()} on this machine" in capsys.readouterr().err
+    assert not (busy / "metrics.jsonl").exists()
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                          text=True)
+    (busy / ".lock").write_text(f"{int(gone.stdout)} {socket.gethostname()}\n")  # a process that has ended
+    assert main(["train", *TINY, "--epochs", "1", "--out", str(busy)]) == 0
+    assert (busy / "model.pt").is_file() and not (busy / ".lock").exists()
+    # a run that fails before writing anything leaves no directory behind
+    (tmp_path / "empty").mkdir()
+    assert main(["train", "--dataset", "cifar10", "--data-root", str(tmp_path / "empty"), "--device", "cpu",
+                 "--out", str(tmp_path / "failed")]) == 1
+    assert "data_batch_1" in capsys.readouterr().err and not (tmp_path / "failed").exists()
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without CUDA")
