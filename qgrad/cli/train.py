@@ -179,11 +179,19 @@ def _flag(field: str, value=None) -> str:
     return f"--{field.replace('_', '-')}" + ("" if value is None else f" {value}")
 
 
-def _check_flags(settings: dict) -> None:
+def _check_flags(settings: dict, given: dict) -> None:
     """The setting errors that TrainConfig and the data loader would report by their argument names, reported
-    by the flags (before the run directory is made)."""
+    by the flags (before the run directory is made), and penalty flags ``given`` for a run without one (which
+    TrainConfig cannot tell from its defaults)."""
     def value(field):
         return settings.get(field, getattr(DEFAULTS, field))
+
+    unused = [_flag(f) for f in ("lam", "penalty_epochs") if f in given]
+    if value("penalty") == "none" and unused:
+        raise ValueError(
+            f"{' and '.join(unused)} set the penalty, but the run has none (--penalty none, the default); give "
+            "--penalty l1, l2 or dq"
+        )
 
     check_root(value("dataset"), value("data_root"), argument="--data-root DIR")
     check_penalty_options(
@@ -202,9 +210,9 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         stored = load_checkpoint(ckpt).get("config")
         if not isinstance(stored, dict):
             raise ValueError(f"{ckpt} holds no run settings; it was not written by qgrad train")
-        _check_flags({**stored, **given})
+        _check_flags({**stored, **given}, given)
         return TrainConfig.from_dict({**stored, **given})
-    _check_flags(given)
+    _check_flags(given, given)
     if "init" in given:
         given.update(_architecture_of(given["init"], given))
     return TrainConfig(**given)
