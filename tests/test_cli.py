@@ -13,6 +13,7 @@ import pytest
 import torch
 from test_training import at_steps, send
 
+import qgrad.cli.train
 import qgrad.data
 import qgrad.training
 from qgrad.cli import main
@@ -245,7 +246,7 @@ def test_usage_errors_exit_2(tmp_path, capsys):
     (["--dataset", "digits", "--every", "4"], "--every and --method are options of --penalty l1; --penalty"),
     (["--dataset", "digits", "--penalty", "l2", "--method", "worst-case"], "--penalty l2 takes neither"),
     (["--dataset", "digits", "--lam", "0.1"], "--lam set the penalty, but the run has none (--penalty none"),
-    (["--dataset", "digits", "--penalty-epochs", "3"], "--penalty-epochs set the penalty, but the run has none"),
+    (["--dataset", "digits", "--penalty-epochs", "3"], "--penalty-epochs set the penalty, but the run has"),
     (["--dataset", "digits", "--penalty", "l1", "--method", "worst-case", "--recompute"],
      "--recompute lowers the memory of --penalty l1 with --method exact; --penalty l1 with --method"),
 ])
@@ -344,6 +345,17 @@ def test_quick_demo_with_several_penalty_modes(tmp_path, capsys):
     # an earlier demo's mode folders count as results to overwrite
     assert main(argv + ["--modes", "exact"]) == 1
     assert "finetune_l1_every2" in capsys.readouterr().err
+
+
+def test_a_second_ctrl_c_says_whether_there_is_a_checkpoint_to_resume(run_dir, tmp_path, capsys, monkeypatch):
+    def interrupted(*args, **kwargs):  # what a second Ctrl-C does: a KeyboardInterrupt out of the step
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(qgrad.cli.train, "train", interrupted)
+    assert main(["train", *TINY, "--out", str(tmp_path / "new")]) == 130
+    assert "interrupted; no checkpoint was written yet: start the run again" in capsys.readouterr().err
+    assert main(["train", "--out", str(run_dir), "--resume"]) == 130
+    assert "interrupted; --resume continues from the last checkpoint" in capsys.readouterr().err
 
 
 def test_ctrl_c_stops_the_demo(tmp_path, capsys, monkeypatch):

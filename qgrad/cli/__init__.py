@@ -13,10 +13,12 @@ import logging
 import os
 import sys
 import traceback
+from pathlib import Path
 from typing import List, Optional
 
 from qgrad.cli import demo, plot, sweep, train
 from qgrad.malloc import keep_freed_memory
+from qgrad.training import CHECKPOINT
 
 __all__ = ["build_parser", "entry", "main"]
 
@@ -95,6 +97,9 @@ def main(argv: Optional[List[str]] = None) -> int:
             "train": "; --resume continues from the last checkpoint",
             "demo": "; a demo does not resume: run it again with --overwrite to start over",
         }
+        out = getattr(args, "out", None)
+        if args.command == "train" and out is not None and not (Path(out) / CHECKPOINT).is_file():
+            hints["train"] = "; no checkpoint was written yet: start the run again"
         print(f"qgrad {args.command}: interrupted{hints.get(args.command, '')}", file=sys.stderr)
         return 130
     except EXPECTED_ERRORS as e:

@@ -189,8 +189,8 @@ def _check_flags(settings: dict, given: dict) -> None:
     unused = [_flag(f) for f in ("lam", "penalty_epochs") if f in given]
     if value("penalty") == "none" and unused:
         raise ValueError(
-            f"{' and '.join(unused)} set the penalty, but the run has none (--penalty none, the default); give "
-            "--penalty l1, l2 or dq"
+            f"{' and '.join(unused)} set the penalty, but the run has none (--penalty none, the default); "
+            "give --penalty l1, l2 or dq"
         )
 
     check_root(value("dataset"), value("data_root"), argument="--data-root DIR")
