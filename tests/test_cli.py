@@ -358,6 +358,19 @@ def test_a_second_ctrl_c_says_whether_there_is_a_checkpoint_to_resume(run_dir, t
     assert "interrupted; --resume continues from the last checkpoint" in capsys.readouterr().err
 
 
+def test_the_command_lines_warnings_are_one_line(monkeypatch):
+    import warnings
+
+    import qgrad.cli
+
+    monkeypatch.setattr(qgrad.cli, "keep_freed_memory", lambda: None)
+    monkeypatch.setattr(qgrad.cli, "main", lambda: 0)
+    monkeypatch.setattr(warnings, "formatwarning", warnings.formatwarning)  # restored after the test
+    assert qgrad.cli.entry() == 0
+    line = warnings.formatwarning("qgrad: no fused kernels", RuntimeWarning, "/x/function.py", 625, "code")
+    assert line == "RuntimeWarning: qgrad: no fused kernels\n"
+
+
 def test_ctrl_c_stops_the_demo(tmp_path, capsys, monkeypatch):
     at_steps(monkeypatch, {2}, send(signal.SIGINT))
     out = tmp_path / "demo"

@@ -13,6 +13,7 @@ import logging
 import os
 import sys
 import traceback
+import warnings
 from pathlib import Path
 from typing import List, Optional
 
@@ -74,10 +75,18 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def warning_line(message, category, filename, lineno, line=None) -> str:
+    """Warnings of the command line as one line each: ``RuntimeWarning: qgrad: ...``. Python's default adds
+    the file and the source line that warned, which from inside qgrad or torch reads like a crash."""
+    return f"{category.__name__}: {message}\n"
+
+
 def entry() -> int:
     """The ``qgrad`` script: :func:`main` in a process whose CPU allocator keeps freed memory (see
-    :mod:`qgrad.malloc`; a training step then does not page-fault its tensors back in)."""
+    :mod:`qgrad.malloc`; a training step then does not page-fault its tensors back in) and whose warnings
+    print as one line (:func:`warning_line`)."""
     keep_freed_memory()
+    warnings.formatwarning = warning_line
     return main()
 
 
