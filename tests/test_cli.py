@@ -245,8 +245,8 @@ def test_usage_errors_exit_2(tmp_path, capsys):
     (["--dataset", "digits", "--bits", "4"], "--bits sets the perturbation of --method worst-case"),
     (["--dataset", "digits", "--every", "4"], "--every and --method are options of --penalty l1; --penalty"),
     (["--dataset", "digits", "--penalty", "l2", "--method", "worst-case"], "--penalty l2 takes neither"),
-    (["--dataset", "digits", "--lam", "0.1"], "--lam set the penalty, but the run has none (--penalty none"),
-    (["--dataset", "digits", "--penalty-epochs", "3"], "--penalty-epochs set the penalty, but the run has"),
+    (["--dataset", "digits", "--lam", "0.1"], "--lam sets the penalty, but the run has none (--penalty none"),
+    (["--dataset", "digits", "--penalty-epochs", "3"], "--penalty-epochs sets the penalty, but the run has"),
     (["--dataset", "digits", "--penalty", "l1", "--method", "worst-case", "--recompute"],
      "--recompute lowers the memory of --penalty l1 with --method exact; --penalty l1 with --method"),
 ])

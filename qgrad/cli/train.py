@@ -189,7 +189,8 @@ def _check_flags(settings: dict, given: dict) -> None:
     unused = [_flag(f) for f in ("lam", "penalty_epochs") if f in given]
     if value("penalty") == "none" and unused:
         raise ValueError(
-            f"{' and '.join(unused)} set the penalty, but the run has none (--penalty none, the default); "
+            f"{' and '.join(unused)} {'sets' if len(unused) == 1 else 'set'} the penalty, but the run has "
+            "none (--penalty none, the default); "
             "give --penalty l1, l2 or dq"
         )
 
