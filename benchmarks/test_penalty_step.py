@@ -230,6 +230,8 @@ def _info(benchmark, name, mode, dtype, extra):
 @pytest.mark.parametrize("mode", ["plain"] + MODES)
 @pytest.mark.parametrize("name", MODELS)
 def test_penalty_step(benchmark, name, mode, dtype):
+    if GRAPH and mode == "exact_qgrad_recompute":
+        pytest.skip("recompute runs in Python hooks during the backward, which a CUDA graph cannot replay")
     if not CUDA:  # page faults of glibc's malloc would add 10-15% to a plain step, unevenly (qgrad.malloc)
         keep_freed_memory()
     plain_step, _ = _setup(name, "plain", dtype)

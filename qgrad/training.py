@@ -82,8 +82,8 @@ DEFAULT_FINETUNE_LR = 0.01
 DEFAULT_LAM = 0.05
 DEFAULT_L1_LAM = {"digits": 0.005}
 # dq's coefficient weighs a fourth-power term of the weights' singular values, on another scale than the
-# gradient norms: OrthogonalityPenalty's own starting value (with 0.05 the penalty was 650x the loss of the
-# demo's VGG-like on digits and cost it 13 points of test accuracy in two epochs)
+# gradient norms: OrthogonalityPenalty's own starting value (with 0.05 the term was hundreds of times the loss
+# of the demo's small VGG-like on digits)
 DEFAULT_DQ_LAM = 1e-4
 # Fields that may differ between a stopped run and the command that resumes it: none of them changes the
 # sequence of parameter updates.
