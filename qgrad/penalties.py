@@ -66,7 +66,7 @@ from torch.overrides import TorchFunctionMode
 from qgrad.nn.batch_norm import BatchNorm1d, BatchNorm2d, BatchNorm3d, convert_batchnorm, revert_batchnorm
 from qgrad.nn.conv import Conv1d, Conv2d, Conv3d, convert_conv, revert_conv
 from qgrad.ops.l1_norm import add_scaled_sign, l1_norm_sign, multi_l1_norm
-from qgrad.recompute import CAPTURE_REFUSED, SegmentRecomputation
+from qgrad.recompute import CAPTURE_REFUSED, RngState, SegmentRecomputation, replayed_rng, rng_state
 
 __all__ = ["L1GradPenalty", "L2GradPenalty", "OrthogonalityPenalty"]
 
@@ -652,13 +652,10 @@ def _plain_twin(module: nn.Module, plain: Optional[bool]) -> None:
         module.fused_double_backward = not plain
 
 
-def _rng_states(model: nn.Module) -> Tuple[torch.Tensor, Dict[int, torch.Tensor]]:
-    cuda = {}
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        for p in model.parameters():
-            if p.is_cuda and p.device.index not in cuda:
-                cuda[p.device.index] = torch.cuda.get_rng_state(p.device)
-    return torch.get_rng_state(), cuda
+def _rng_states(model: nn.Module) -> RngState:
+    """The generator states of the CPU and of the CUDA devices that hold the model's parameters."""
+    cuda = torch.cuda.is_available() and torch.cuda.is_initialized()
+    return rng_state(sorted({p.device.index for p in model.parameters() if cuda and p.is_cuda}))
 
 
 class _ActivationShift(TorchFunctionMode):
@@ -1183,7 +1180,7 @@ class L1GradPenalty(_GradNormPenalty):
 
     def clear(self) -> None:
         super().clear()
-        if getattr(self, "_segments", None) is not None:
+        if self._segments is not None:
             self._segments.reset()
 
     @contextlib.contextmanager
@@ -1466,11 +1463,7 @@ class L1GradPenalty(_GradNormPenalty):
                     torch._foreach_add_(moved, [d.to(w.dtype) for w, d in zip(moved, steps)])
                     del steps
             self._second_forward = shift if shift is not None else True
-            with torch.random.fork_rng(devices=list(rng[1]) if rng else [], enabled=rng is not None):
-                if rng is not None:
-                    torch.set_rng_state(rng[0])
-                    for index, state in rng[1].items():
-                        torch.cuda.set_rng_state(state, index)
+            with replayed_rng(rng) if rng is not None else contextlib.nullcontext():
                 with torch.enable_grad(), (shift if shift is not None else contextlib.nullcontext()):
                     loss2 = closure()
             if not isinstance(loss2, torch.Tensor) or loss2.numel() != 1 or not loss2.requires_grad:

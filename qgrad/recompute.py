@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import contextlib
 import weakref
-from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
+from typing import Any, Dict, Iterable, List, Optional, Tuple
 
 import torch
 from torch import nn
@@ -78,8 +78,24 @@ def _detached(a):
     return a
 
 
-def _rng_state(devices: Sequence[int]) -> Tuple[torch.Tensor, Dict[int, torch.Tensor]]:
-    return torch.get_rng_state(), {d: torch.cuda.get_rng_state(d) for d in devices}
+RngState = Tuple[torch.Tensor, Dict[int, torch.Tensor]]
+
+
+def rng_state(cuda_devices: Iterable[int]) -> RngState:
+    """The CPU generator's state and that of each CUDA device in ``cuda_devices`` (by index)."""
+    return torch.get_rng_state(), {d: torch.cuda.get_rng_state(d) for d in cuda_devices}
+
+
+@contextlib.contextmanager
+def replayed_rng(state: RngState):
+    """Run the block with the generators set to ``state`` (:func:`rng_state`), then put back what they were:
+    the same random numbers (dropout masks) as when the state was taken, and none consumed."""
+    cpu, cuda = state
+    with torch.random.fork_rng(devices=list(cuda)):
+        torch.set_rng_state(cpu)
+        for index, s in cuda.items():
+            torch.cuda.set_rng_state(s, index)
+        yield
 
 
 def _check_chains(model: nn.Module, segments: Iterable) -> List[Tuple[nn.Module, ...]]:
@@ -166,7 +182,6 @@ class SegmentRecomputation:
         self._alias: Dict[tuple, _Handle] = {}
         self._open: Optional[Tuple[Tuple[nn.Module, ...], Any]] = None  # the running segment, its context
         self._last: Optional[torch.Tensor] = None  # output of the running chain's latest module
-        self._count = 0
 
     def remove(self) -> None:
         for handle in self._handles:
@@ -188,8 +203,7 @@ class SegmentRecomputation:
             devices = sorted({t.device.index for t in tensors if t.is_cuda})
             device = tensors[0].device.type if tensors else "cpu"
             autocast = (device, torch.is_autocast_enabled(device), torch.get_autocast_dtype(device))
-            self._calls.append(_Call(chain, args, kwargs, _rng_state(devices), autocast))
-            self._count = 0
+            self._calls.append(_Call(chain, args, kwargs, rng_state(devices), autocast))
             context = saved_tensors_hooks(self._pack, self._unpack)
             context.__enter__()
             self._open = (chain, context)
@@ -248,9 +262,8 @@ class SegmentRecomputation:
                 and t.data_ptr() not in self._kept)
 
     def _pack(self, t: torch.Tensor):
-        k = self._count
-        self._count += 1
         call = self._calls[-1]
+        k = len(call.saved)  # the position of t among the tensors this call saves
         if not self._droppable(t):
             call.saved.append(None)
             return t
@@ -293,14 +306,10 @@ class SegmentRecomputation:
 
         buffers = [b for m in call.chain for b in m.buffers()]
         saved = [b.detach().clone() for b in buffers]
-        cpu_rng, cuda_rng = call.rng
         device, enabled, dtype = call.autocast
         self.recomputing = True
         try:
-            with torch.random.fork_rng(devices=list(cuda_rng)):
-                torch.set_rng_state(cpu_rng)
-                for index, state in cuda_rng.items():
-                    torch.cuda.set_rng_state(state, index)
+            with replayed_rng(call.rng):
                 with torch.enable_grad(), torch.autocast(device, dtype=dtype, enabled=enabled), \
                         saved_tensors_hooks(capture, refuse):
                     out = call.chain[0](*[_detached(a) for a in call.args],

@@ -992,25 +992,29 @@ def _run_dir_lock(run_dir: Path):
     run_dir.mkdir(parents=True, exist_ok=True)
     lock = run_dir / LOCK_FILE
     host = socket.gethostname()
-    for attempt in range(2):
+
+    def create() -> int:
+        return os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+
+    try:
+        fd = create()
+    except FileExistsError:
+        owner = _lock_owner(lock)
+        if owner is not None and owner[1] == host and _alive(owner[0]):
+            raise TrainingError(
+                f"{run_dir} is in use by process {owner[0]} on this machine (its lock file {lock}); "
+                "wait for that run to end, or choose another --out"
+            ) from None
+        if owner is not None and owner[1] != host:
+            logger.warning(
+                "%s holds the lock of process %d on host %s, which cannot be checked from here; taking "
+                "it over (if that run is still going, stop one of the two)", run_dir, owner[0], owner[1],
+            )
+        lock.unlink(missing_ok=True)
         try:
-            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-            break
-        except FileExistsError:
-            owner = _lock_owner(lock)
-            if attempt == 0 and owner is not None and owner[1] == host and _alive(owner[0]):
-                raise TrainingError(
-                    f"{run_dir} is in use by process {owner[0]} on this machine (its lock file {lock}); "
-                    "wait for that run to end, or choose another --out"
-                ) from None
-            if attempt == 1:
-                raise TrainingError(f"cannot take the lock file {lock} of {run_dir}") from None
-            if owner is not None and owner[1] != host:
-                logger.warning(
-                    "%s holds the lock of process %d on host %s, which cannot be checked from here; taking "
-                    "it over (if that run is still going, stop one of the two)", run_dir, owner[0], owner[1],
-                )
-            lock.unlink(missing_ok=True)
+            fd = create()
+        except FileExistsError:  # another run took it in between
+            raise TrainingError(f"cannot take the lock file {lock} of {run_dir}") from None
     with os.fdopen(fd, "w", encoding="utf-8") as f:
         f.write(f"{os.getpid()} {host}\n")
     try:

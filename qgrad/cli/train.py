@@ -200,6 +200,10 @@ def _check_flags(settings: dict, given: dict) -> None:
     )
 
 
+# what a fine-tune takes from its init checkpoint when the command line does not say
+_ARCHITECTURE = ("model", "width")
+
+
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
     """The run's TrainConfig: the given options over the defaults, or over the stored settings (--resume)."""
     given = {field: getattr(args, field) for _, field, _, _ in _OPTIONS if getattr(args, field) is not None}
@@ -214,13 +218,9 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         _check_flags({**stored, **given}, given)
         return TrainConfig.from_dict({**stored, **given})
     _check_flags(given, given)
-    if "init" in given:
+    if "init" in given and not all(f in given for f in _ARCHITECTURE):
         given.update(_architecture_of(given["init"], given))
     return TrainConfig(**given)
-
-
-# what a fine-tune takes from its init checkpoint when the command line does not say
-_ARCHITECTURE = ("model", "width")
 
 
 def _architecture_of(init: str, given: dict) -> dict:
